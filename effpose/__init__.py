@@ -1,0 +1,1 @@
+"""Console entry point joining the ``pose``, ``lut_service`` and ``search`` command lines."""

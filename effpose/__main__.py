@@ -1,0 +1,3 @@
+from effpose.cli import main
+
+raise SystemExit(main())

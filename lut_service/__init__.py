@@ -1,0 +1,1 @@
+"""lut_service package."""

@@ -1,0 +1,1 @@
+"""effpose: pose models, data, training, evaluation and export."""
