@@ -291,15 +291,44 @@ def head_key(
     )
 
 
+def fixed_keys(
+    space: SearchSpace,
+    input_hw: tuple[int, int],
+    joints: int = 16,
+    head_widths: tuple[int, ...] = (64, 32),
+    head_style: str = "plain",
+    sic: bool = True,
+    batch: int = 1,
+) -> list[str]:
+    """Keys of the parts every architecture of ``space`` has (stem, head): the fixed cost of Eq. 5."""
+    return [
+        stem_key(space, input_hw, batch),
+        head_key(space, input_hw, joints, head_widths, head_style, sic, batch),
+    ]
+
+
+def space_keys(space: SearchSpace, input_hw: tuple[int, int], batch: int = 1) -> list[str]:
+    """Every unique searchable-layer key of ``space`` (what a LUT must hold besides the fixed keys)."""
+    keys: dict[str, None] = {}
+    for layer in space.layers(input_hw):
+        for op in layer.legal_ops():
+            key = layer_key(op, layer, batch)
+            if key is not None:
+                keys[key] = None
+    return list(keys)
+
+
 def arch_keys(arch: ArchSpec, input_hw: tuple[int, int], joints: int, batch: int = 1) -> list[str]:
-    """Keys whose LUT medians add up to the predicted latency of the whole network ``arch``."""
+    """Keys whose LUT medians add up to the predicted latency of the whole network ``arch``.
+
+    Layers with identical shapes and ops repeat their key: the list is summed, not deduplicated.
+    """
     space = arch.search_space
-    keys = [stem_key(space, input_hw, batch)]
+    keys = fixed_keys(space, input_hw, joints, arch.head_widths, arch.head_style, arch.sic, batch)
     for layer, op in zip(space.layers(input_hw), arch.ops, strict=True):
         key = layer_key(op, layer, batch)
         if key is not None:
             keys.append(key)
-    keys.append(head_key(space, input_hw, joints, arch.head_widths, arch.head_style, arch.sic, batch))
     return keys
 
 
