@@ -35,8 +35,11 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count(model: nn.Module, input_hw: tuple[int, int]) -> Counts:
-    """Count parameters and multiply-adds with one forward pass of a batch-1 input."""
+def count(model: nn.Module, input_hw: tuple[int, int], in_channels: int = 3) -> Counts:
+    """Count parameters and multiply-adds with one forward pass of a batch-1 input.
+
+    ``in_channels`` lets the search count a single candidate op at its layer's input shape.
+    """
     per_module: dict[str, tuple[int, int]] = {}
     hooks = []
 
@@ -60,7 +63,7 @@ def count(model: nn.Module, input_hw: tuple[int, int]) -> Counts:
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(1, 3, *input_hw))
+        model(torch.zeros(1, in_channels, *input_hw))
     finally:
         model.train(was_training)
         for handle in hooks:
