@@ -19,14 +19,18 @@ def export_onnx(
     path: str | Path,
     input_hw: tuple[int, int] = (256, 256),
     batch: int | str = 1,
+    channels: int = 3,
 ) -> Path:
-    """Export ``model`` in eval mode; ``batch="dynamic"`` makes the batch axis symbolic."""
+    """Export ``model`` in eval mode; ``batch="dynamic"`` makes the batch axis symbolic.
+
+    ``channels`` is the input depth: 3 for a pose network, C_in when exporting a single op.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     example_batch = 1 if batch == "dynamic" else int(batch)
-    dummy = torch.randn(example_batch, 3, *input_hw)
+    dummy = torch.randn(example_batch, channels, *input_hw)
     dynamic_axes = {"image": {0: "batch"}, "heatmaps": {0: "batch"}} if batch == "dynamic" else None
     try:
         with warnings.catch_warnings():

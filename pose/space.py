@@ -252,6 +252,7 @@ class ArchSpec(BaseModel):
 #   mbconv-input:64x64x24-output:32x32x32-kernel:5-expand:3-stride:2-idskip:0-batch:1
 #   stem-input:256x256x3-output:128x128x16-batch:1
 #   head-input:16x16x96-output:64x64x16-widths:64,32-style:plain-sic:1-batch:1
+#   overhead-input:256x256x3-batch:1   (fixed per-call cost of one inference, summed once per network)
 # Shapes are HxWxC. dtype, backend and threads are stored beside the key, not inside it.
 # ---------------------------------------------------------------------------------------------
 
@@ -271,6 +272,14 @@ def layer_key(op: str, layer: Layer, batch: int = 1) -> str | None:
 def stem_key(space: SearchSpace, input_hw: tuple[int, int], batch: int = 1) -> str:
     h, w = conv_out(input_hw[0], 2), conv_out(input_hw[1], 2)
     return f"stem-input:{input_hw[0]}x{input_hw[1]}x3-output:{h}x{w}x{space.stem_channels}-batch:{batch}"
+
+
+def overhead_key(input_hw: tuple[int, int], batch: int = 1) -> str:
+    """Key of the fixed per-inference cost (dispatch, session.run) that a network pays once, not once per op.
+
+    The agent subtracts it from every op it times in isolation and stores it as its own entry.
+    """
+    return f"overhead-input:{input_hw[0]}x{input_hw[1]}x3-batch:{batch}"
 
 
 def head_key(
@@ -300,10 +309,11 @@ def fixed_keys(
     sic: bool = True,
     batch: int = 1,
 ) -> list[str]:
-    """Keys of the parts every architecture of ``space`` has (stem, head): the fixed cost of Eq. 5."""
+    """Keys of what every architecture of ``space`` has (stem, head, per-call overhead): the fixed cost of Eq. 5."""
     return [
         stem_key(space, input_hw, batch),
         head_key(space, input_hw, joints, head_widths, head_style, sic, batch),
+        overhead_key(input_hw, batch),
     ]
 
 
