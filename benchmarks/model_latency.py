@@ -13,6 +13,7 @@ Target: efficientpose-a >= 10x faster than simplebaseline-r50 on onnxruntime-cpu
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -141,7 +142,8 @@ def build_runners(args: argparse.Namespace, workdir: Path) -> tuple[dict, dict]:
             elif cell.backend == "torch-cpu":
                 runner = torch_cpu_runner(model, torch.from_numpy(images), cell.threads)
             else:
-                runner = torch_cuda_runner(model.to("cuda"), torch.from_numpy(images).to("cuda"))
+                # a copy: the CPU cells of the same model keep using the original
+                runner = torch_cuda_runner(copy.deepcopy(model).to("cuda"), torch.from_numpy(images).to("cuda"))
             runners[(name, cell)] = runner
     return counts, runners
 
