@@ -1,9 +1,125 @@
-"""Subcommands of this package (registered by effpose.cli)."""
+"""``effpose search``: differentiable architecture search (or the random-search baseline) -> OUT/arch.json."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+from pose.space import parse_hw
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the ``effpose`` parser."""
+    p = commands.add_parser(
+        "search",
+        help="search a backbone with a FLOPs/params/latency cost (differentiable NAS or random baseline)",
+        description=(
+            "Differentiable architecture search (paper Sec. 3.1-3.2): supernet of mixed ops, loss = MSE + "
+            "lambda * log_tau(expected cost). Writes OUT/arch.json, OUT/arch.png, OUT/search.png, "
+            "OUT/log.jsonl and OUT/search.json."
+        ),
+    )
+    p.add_argument("--space", default="small", help="small, large or a search-space JSON file (default small)")
+    p.add_argument("--data", default="synthetic:64", metavar="SPEC", help="coco:ROOT, mpii:ROOT or synthetic[:N]")
+    p.add_argument(
+        "--cost",
+        action="append",
+        metavar="COST",
+        help="flops, params, a LUT file, a LUT URL (.../v1/luts/ID) or an agent URL "
+        "(http://HOST:PORT?backend=onnxruntime-cpu&threads=1&batch=1); repeat for several cost terms",
+    )
+    p.add_argument(
+        "--lambda",
+        dest="lambdas",
+        action="append",
+        type=float,
+        metavar="L",
+        help="weight of the cost term (one, or one per --cost; default 0.1)",
+    )
+    p.add_argument(
+        "--tau",
+        dest="taus",
+        action="append",
+        type=float,
+        metavar="T",
+        help="log base of the cost term, > 1 (one, or one per --cost; default 10)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("mixed", "sampled"),
+        default="mixed",
+        help="mixed: weighted sum of all candidates (Eq. 3); sampled: one Gumbel-sampled path per step",
+    )
+    p.add_argument("--warmup-epochs", type=int, default=2, help="weight-only epochs before alpha is trained")
+    p.add_argument("--epochs", type=int, default=4, help="alternating weight/alpha epochs after the warm-up")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input", type=parse_hw, default=(128, 128), help="training input HxW (default 128x128)")
+    p.add_argument(
+        "--cost-input",
+        type=parse_hw,
+        default=(256, 256),
+        help="input HxW the cost is computed / requested at (default 256x256; a LUT file uses its own)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight-lr", type=float, default=0.05, help="SGD learning rate of the weights (cosine to 0)")
+    p.add_argument("--arch-lr", type=float, default=3e-4, help="Adam learning rate of alpha")
+    p.add_argument("--drop-path", type=float, default=0.2, help="drop probability of a candidate in weight steps")
+    p.add_argument("--max-batches", type=int, default=None, help="cap on batches per phase and epoch (smoke runs)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--resume", action="store_true", help="continue the search checkpointed in OUT")
+    p.add_argument("--random", type=int, metavar="N", help="random-search baseline: N random architectures")
+    p.add_argument("--short-epochs", type=int, default=5, metavar="E", help="epochs per random architecture")
+    p.add_argument("--json", action="store_true", help="print one JSON summary on stdout and nothing else")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from search.loop import SearchConfig, run_random_search, run_search
+
+    cfg = SearchConfig(
+        space=args.space,
+        data=args.data,
+        costs=args.cost or ["flops"],
+        lambdas=args.lambdas or [0.1],
+        taus=args.taus or [10.0],
+        mode=args.mode,
+        warmup_epochs=args.warmup_epochs,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        input_hw=args.input,
+        cost_input_hw=args.cost_input,
+        seed=args.seed,
+        weight_lr=args.weight_lr,
+        arch_lr=args.arch_lr,
+        drop_path=args.drop_path,
+        workers=args.workers,
+        max_batches=args.max_batches,
+    )
+    progress = not args.no_progress
+    if args.random is not None:
+        summary = run_random_search(cfg, args.out, args.random, args.short_epochs, args.resume, progress)
+    else:
+        summary = run_search(cfg, args.out, args.resume, progress)
+    if args.json:
+        summary = {k: v for k, v in summary.items() if k != "probs"}
+        print(json.dumps(summary))
+        return 0
+    print(f"derived architecture: {summary['arch']}")
+    print("ops: " + " ".join(summary["ops"]))
+    for name, value in summary["predicted_cost"].items():
+        print(
+            f"predicted {name}: {value['value']:.4g} {value['unit']} (input {value['input'][0]}x{value['input'][1]}, "
+            f"batch {value['batch']})"
+        )
+    if "random" in summary:
+        best = summary["random"]["best"]
+        print(
+            f"best of {summary['random']['n']} random architectures: #{best['index']} "
+            f"val accuracy {best['val_accuracy']:.3f}"
+        )
+    print(f"pictures: {summary['out']}/arch.png" + ("" if "random" in summary else f", {summary['out']}/search.png"))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,263 @@
+"""Cost model of the search: a ``[layer, op]`` cost tensor plus a fixed cost, from a LUT or counted locally.
+
+Expected cost (Eqs. 4-5) = fixed (stem + head) + sum_l sum_o p_lo * cost_lo, differentiable w.r.t.
+alpha through ``p``; the loss term is ``lambda * log_tau(cost)`` (Eq. 6). Because
+``d log(cost) = d cost / cost``, the gradient does not depend on the unit of the cost, only on
+``lambda / ln(tau)``.
+
+Sources (``--cost``):
+
+- ``flops`` / ``params``: counted with ``pose.counting`` on every candidate module at its layer's
+  input shape (GFLOPs in the paper convention, millions of parameters); no agent needed.
+- a LUT document file (what ``effpose lut build`` writes).
+- ``http://HOST:PORT/v1/luts/ID``: one stored LUT, fetched with the ``lut_service`` client.
+- ``http://HOST:PORT[?backend=NAME&threads=T&batch=B&dtype=D]``: an agent; the LUT of the space is
+  requested first (the agent profiles missing keys), then fetched. Defaults: onnxruntime-cpu, 1
+  thread, batch 1, float32. If the agent cannot be reached the client's last cached table is used
+  with a warning, and without one the error says so.
+
+Every key is built with ``pose.space`` (``layer_key``, ``fixed_keys``); a table lacking a needed key
+is a ``ValueError`` that lists the missing keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import torch
+from torch import Tensor
+
+from pose.counting import count
+from pose.ops import PoseHead, Stem, make_layer_op
+from pose.space import CANDIDATE_OPS, SKIP, ArchSpec, SearchSpace, fixed_keys, layer_key
+
+DEFAULT_COST_INPUT = (256, 256)
+DEFAULT_BACKEND = "onnxruntime-cpu"
+
+
+@dataclass
+class HeadOptions:
+    joints: int = 16
+    head_widths: tuple[int, ...] = (64, 32)
+    head_style: str = "plain"
+    sic: bool = True
+
+
+@dataclass
+class CostTable:
+    """Cost of every (layer, op) cell and of the fixed parts; illegal cells and ``skip`` cost 0."""
+
+    name: str  # "flops", "params", "lut:<backend>"...
+    unit: str
+    table: Tensor  # [layers, len(CANDIDATE_OPS)]
+    fixed: float
+    source: str
+    input_hw: tuple[int, int]
+    batch: int = 1
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def expected(self, probs: Tensor) -> Tensor:
+        """Eqs. 4-5: fixed + sum_l sum_o p_lo * cost_lo (a scalar tensor with grad to alpha)."""
+        return self.fixed + (probs * self.table.to(probs.dtype)).sum()
+
+    def arch_cost(self, ops: list[str]) -> float:
+        """Predicted cost of one architecture (the sum the argmax picks)."""
+        return self.fixed + sum(float(self.table[i, CANDIDATE_OPS.index(op)]) for i, op in enumerate(ops))
+
+
+@dataclass
+class CostTerm:
+    """One regulariser of the loss: ``lam * log_tau(expected cost)``."""
+
+    cost: CostTable
+    lam: float
+    tau: float
+
+    def __post_init__(self) -> None:
+        if self.tau <= 1.0:
+            raise ValueError(f"tau must be > 1 (log base of the cost term), got {self.tau}")
+        if self.lam < 0:
+            raise ValueError(f"lambda must be >= 0, got {self.lam}")
+
+    def loss(self, probs: Tensor) -> Tensor:
+        expected = self.cost.expected(probs)
+        return self.lam * torch.log(expected.clamp_min(1e-12)) / math.log(self.tau)
+
+
+# -- local counts ----------------------------------------------------------------------------------
+
+
+def count_table(
+    kind: str, space: SearchSpace, input_hw: tuple[int, int] = DEFAULT_COST_INPUT, head: HeadOptions | None = None
+) -> CostTable:
+    """``flops`` (GFLOPs, paper convention) or ``params`` (millions) of each candidate at its layer shape."""
+    if kind not in ("flops", "params"):
+        raise ValueError(f"unknown counted cost {kind!r}; expected flops or params")
+    head = head or HeadOptions()
+
+    def value(module: torch.nn.Module, hw: tuple[int, int], channels: int) -> float:
+        counts = count(module, hw, in_channels=channels)
+        return counts.gflops_paper if kind == "flops" else counts.params / 1e6
+
+    layers = space.layers(input_hw)
+    table = torch.zeros(len(layers), len(CANDIDATE_OPS), dtype=torch.float64)
+    cache: dict[str, float] = {}
+    for layer in layers:
+        for op in layer.legal_ops():
+            if op == SKIP:
+                continue
+            key = layer_key(op, layer)
+            assert key is not None
+            if key not in cache:
+                cache[key] = value(make_layer_op(op, layer), (layer.in_h, layer.in_w), layer.c_in)
+            table[layer.index, CANDIDATE_OPS.index(op)] = cache[key]
+    stem = value(Stem(space.stem_channels), input_hw, 3)
+    head_module = PoseHead(space.out_channels, head.joints, head.head_widths, head.head_style, head.sic)
+    head_cost = value(head_module, space.backbone_output_hw(input_hw), space.out_channels)
+    unit = "GFLOPs" if kind == "flops" else "Mparams"
+    return CostTable(kind, unit, table, stem + head_cost, kind, input_hw, 1, {"stem": stem, "head": head_cost})
+
+
+# -- LUT documents ---------------------------------------------------------------------------------
+
+
+def _lut_costs(doc: dict[str, Any], source: str) -> dict[str, float]:
+    """key -> cost in ms, read through ``lut_service.lut.LutTable`` (the agent's own reading of a document)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+        raise ValueError(f"LUT {source} is not a LUT document (no 'entries' list)")
+    from lut_service.lut import LutTable
+
+    table = LutTable.from_document(doc)
+    return {entry["key"]: float(table.cost(entry["key"])) for entry in doc["entries"]}
+
+
+def needed_keys(space: SearchSpace, input_hw: tuple[int, int], batch: int, head: HeadOptions) -> list[str]:
+    keys = fixed_keys(space, input_hw, head.joints, head.head_widths, head.head_style, head.sic, batch)
+    for layer in space.layers(input_hw):
+        for op in layer.legal_ops():
+            key = layer_key(op, layer, batch)
+            if key is not None:
+                keys.append(key)
+    return list(dict.fromkeys(keys))
+
+
+def lut_table(
+    doc: dict[str, Any], space: SearchSpace, head: HeadOptions | None = None, source: str = "LUT"
+) -> CostTable:
+    """Cost tensor from a LUT document at the document's input size and batch; missing keys -> ValueError."""
+    head = head or HeadOptions()
+    try:
+        input_hw = (int(doc["input"][0]), int(doc["input"][1]))
+        batch = int(doc.get("batch", 1))
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise ValueError(f"LUT {source} has no valid 'input' [H, W] / 'batch' fields: {exc}") from None
+    costs = _lut_costs(doc, source)
+    missing = [key for key in needed_keys(space, input_hw, batch, head) if key not in costs]
+    if missing:
+        raise ValueError(
+            f"LUT {source} lacks {len(missing)} key(s) needed by space {space.name!r} at input "
+            f"{input_hw[0]}x{input_hw[1]}, batch {batch}, {head.joints} joints:\n  " + "\n  ".join(missing)
+        )
+    layers = space.layers(input_hw)
+    table = torch.zeros(len(layers), len(CANDIDATE_OPS), dtype=torch.float64)
+    for layer in layers:
+        for op in layer.legal_ops():
+            key = layer_key(op, layer, batch)
+            if key is not None:
+                table[layer.index, CANDIDATE_OPS.index(op)] = costs[key]
+    fixed_list = fixed_keys(space, input_hw, head.joints, head.head_widths, head.head_style, head.sic, batch)
+    fixed = sum(costs[key] for key in fixed_list)
+    backend = str(doc.get("backend", "lut"))
+    meta = {k: doc.get(k) for k in ("id", "backend", "threads", "dtype", "device") if k in doc}
+    return CostTable(f"lut:{backend}", "ms", table, fixed, source, input_hw, batch, meta)
+
+
+def _agent_document(url: str, space: SearchSpace, input_hw: tuple[int, int], head: HeadOptions) -> dict[str, Any]:
+    """Request (or fetch) a LUT from an agent URL through the ``lut_service`` client."""
+    from lut_service import client as lut_client
+
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+    if "/v1/luts/" in parts.path:
+        return lut_client.fetch_lut(url)
+    unknown = set(query) - {"backend", "threads", "batch", "dtype"}
+    if unknown:
+        raise ValueError(f"agent URL {url}: unknown parameter(s) {', '.join(sorted(unknown))}")
+    agent = lut_client.AgentClient(base)
+    try:
+        return agent.request_lut(
+            space=space.to_spec().model_dump() if space.name not in ("small", "large") else space.name,
+            backend=query.get("backend", DEFAULT_BACKEND),
+            batch=int(query.get("batch", 1)),
+            threads=int(query.get("threads", 1)),
+            dtype=query.get("dtype", "float32"),
+            input_hw=input_hw,
+            joints=head.joints,
+        )
+    finally:
+        close = getattr(agent, "close", None)
+        if close is not None:
+            close()
+
+
+def load_cost(
+    source: str,
+    space: SearchSpace,
+    head: HeadOptions | None = None,
+    input_hw: tuple[int, int] = DEFAULT_COST_INPUT,
+) -> CostTable:
+    """Resolve one ``--cost`` value to a ``CostTable`` (see the module docstring for the forms)."""
+    head = head or HeadOptions()
+    if source in ("flops", "params"):
+        return count_table(source, space, input_hw, head)
+    if source.startswith(("http://", "https://")):
+        doc = _agent_document(source, space, input_hw, head)
+        return lut_table(doc, space, head, source)
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"cost {source!r} is not flops, params, an http(s) agent/LUT URL or an existing LUT file")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"LUT file {path} is not valid JSON: {exc}") from None
+    return lut_table(doc, space, head, str(path))
+
+
+def build_terms(
+    sources: list[str],
+    lambdas: list[float],
+    taus: list[float],
+    space: SearchSpace,
+    head: HeadOptions | None = None,
+    input_hw: tuple[int, int] = DEFAULT_COST_INPUT,
+) -> list[CostTerm]:
+    """One ``CostTerm`` per source; a single lambda/tau applies to all, else one per source in order."""
+
+    def spread(values: list[float], what: str) -> list[float]:
+        if len(values) == 1:
+            return values * len(sources)
+        if len(values) != len(sources):
+            raise ValueError(f"got {len(sources)} --cost but {len(values)} --{what}: give one, or one per --cost")
+        return values
+
+    lams, taus_ = spread(lambdas, "lambda"), spread(taus, "tau")
+    terms = []
+    for source, lam, tau in zip(sources, lams, taus_, strict=True):
+        print(f"cost: loading {source}", file=sys.stderr)
+        table = load_cost(source, space, head, input_hw)
+        taken = {t.cost.name for t in terms}
+        if table.name in taken:  # two LUTs of one backend (e.g. two agents): keep the names apart
+            table.name = f"{table.name}#{sum(1 for n in taken if n.split('#')[0] == table.name) + 1}"
+        terms.append(CostTerm(table, lam, tau))
+    return terms
+
+
+def arch_costs(terms: list[CostTerm], arch: ArchSpec) -> dict[str, float]:
+    return {term.cost.name: term.cost.arch_cost(arch.ops) for term in terms}
