@@ -34,6 +34,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--checkpoint", help="load weights from a training checkpoint (default: random init)")
     export.set_defaults(func=cmd_model_export)
 
+    from pose.commands import register_workflow  # data synth, train, eval, infer
+
+    register_workflow(commands)
+
 
 def model_info(arch: str, input_hw: tuple[int, int], joints: int) -> dict:
     model = build_model(arch, joints)
