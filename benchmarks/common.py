@@ -17,9 +17,12 @@ import os
 import platform
 import random
 import shlex
+import socket
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -379,3 +382,70 @@ def require_cuda(backend: str) -> None:
                 f"{Path(sys.argv[0]).name}: error: backend onnxruntime-cuda needs onnxruntime-gpu "
                 f"(this onnxruntime offers {ort.get_available_providers()})"
             )
+
+
+# --------------------------------------------------------------------------- profiler agent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def agent_process(
+    db_path: str | Path,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    log_path: str | Path | None = None,
+    start_timeout_s: float = 60.0,
+    log_level: str = "warning",
+) -> Iterator[str]:
+    """Run ``effpose lut serve`` on 127.0.0.1 with a SQLite file as a subprocess; yield its base URL.
+
+    The agent is a separate process, as in production, so the load generator or the benchmark's own
+    timing never shares its interpreter. Its output goes to ``log_path`` (or a temp file) and the tail
+    is shown if it fails to start. ``log_level`` defaults to ``warning``: uvicorn's per-request access
+    log (level ``info``) would otherwise be part of what a load test measures. The process is
+    terminated (then killed) on exit.
+    """
+    import httpx
+
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "effpose", "lut", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--db", f"sqlite:///{Path(db_path).resolve()}", "--log-level", log_level]
+    log_file = Path(log_path) if log_path else Path(db_path).with_suffix(".agent.log")
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"agent exited with code {proc.returncode}:\n{_tail(log_file)}")
+                try:
+                    httpx.get(f"{url}/openapi.json", timeout=2.0)
+                    break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"agent did not answer on {url} within {start_timeout_s:.0f} s:\n{_tail(log_file)}"
+                    )
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no agent log)"

@@ -1,0 +1,230 @@
+"""Agent load (issue 6 item 6): many concurrent clients fetching one LUT from a profiler agent.
+
+Starts ``effpose lut serve`` on 127.0.0.1 as a subprocess with a temporary SQLite file, builds a small
+LUT through the real API and client (reduced timing budget: the table's numbers do not matter here,
+only its size), then runs 50 concurrent clients (asyncio, one ``httpx.AsyncClient`` with one
+keep-alive connection each) that fetch ``GET /v1/luts/{id}`` in two modes:
+
+- ``full``: no ``If-None-Match``, every answer is the 200 document;
+- ``etag``: ``If-None-Match`` with the current ETag, every answer is a 304.
+
+Each mode runs for a fixed time and a bounded request count. A request is an error if it raises, times
+out, or answers an unexpected status or body. Latency is measured at the client, from just before the
+request is sent to the end of the response body.
+
+Clients are closed-loop by default (each sends its next request as soon as the previous one returns),
+so they measure the agent's capacity; with 50 in flight, Little's law ties latency to throughput
+(mean latency ~= 50 / rps). ``--rate R`` paces each client at R requests/s instead (open loop;
+latency is then counted from the scheduled send time, so a stall is not hidden).
+
+    python benchmarks/agent_load.py --quick     # 3 s per mode
+    python benchmarks/agent_load.py             # 20 s per mode -> results/agent_load.json
+
+Target: p99 <= 10 ms and 0 errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from common import RESULTS_DIR, agent_process, format_table, machine_summary, write_results
+
+from lut_service.client import AgentClient
+
+TARGET_P99_MS = 10.0
+# The load test needs a complete table of realistic size, not accurate numbers: time each entry briefly.
+FAST_BUDGET = {"warmup_runs": 1, "warmup_s": 0.0, "min_samples": 3, "max_samples": 5, "max_seconds": 0.05}
+
+
+@dataclass
+class Phase:
+    """Shared state of one load phase; ``stop_at`` is fixed when the start gate opens."""
+
+    path: str
+    headers: dict[str, str]
+    expect_status: int
+    expect_body: bytes | None
+    max_requests: int
+    rate: float
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_at: float = float("inf")
+    sent: int = 0
+    elapsed_s: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    statuses: Counter = field(default_factory=Counter)
+
+    def summary(self) -> dict:
+        lat = np.asarray(self.latencies_s) * 1e3
+        ok = int(lat.size)
+        pct = np.percentile(lat, [50, 90, 99, 99.9]) if ok else [float("nan")] * 4
+        return {
+            "requests": self.sent,
+            "completed": ok,
+            "errors": int(sum(self.errors.values())),
+            "error_kinds": dict(self.errors),
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "seconds": round(self.elapsed_s, 3),
+            "rps": round(ok / self.elapsed_s, 1) if self.elapsed_s > 0 else 0.0,
+            "p50_ms": round(float(pct[0]), 3),
+            "p90_ms": round(float(pct[1]), 3),
+            "p99_ms": round(float(pct[2]), 3),
+            "p999_ms": round(float(pct[3]), 3),
+            "max_ms": round(float(lat.max()), 3) if ok else float("nan"),
+            "mean_ms": round(float(lat.mean()), 3) if ok else float("nan"),
+        }
+
+
+async def _client(url: str, phase: Phase) -> None:
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with httpx.AsyncClient(base_url=url, timeout=10.0, limits=limits) as http:
+        try:  # open the keep-alive connection before the clock starts
+            await http.get(phase.path, headers=phase.headers)
+        except httpx.HTTPError as exc:
+            phase.errors[f"warm-up {type(exc).__name__}"] += 1
+        await phase.gate.wait()
+        interval = 1.0 / phase.rate if phase.rate > 0 else 0.0
+        scheduled = time.perf_counter()
+        while True:
+            if interval:
+                scheduled += interval
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            now = time.perf_counter()
+            if now >= phase.stop_at or phase.sent >= phase.max_requests:
+                return
+            phase.sent += 1
+            t0 = scheduled if interval else now
+            try:
+                response = await http.get(phase.path, headers=phase.headers)
+            except httpx.HTTPError as exc:
+                phase.errors[type(exc).__name__] += 1
+                continue
+            elapsed = time.perf_counter() - t0
+            phase.statuses[response.status_code] += 1
+            if response.status_code != phase.expect_status:
+                phase.errors[f"status {response.status_code}"] += 1
+            elif phase.expect_body is not None and response.content != phase.expect_body:
+                phase.errors["body differs"] += 1
+            else:
+                phase.latencies_s.append(elapsed)
+
+
+async def run_phase(url: str, phase: Phase, clients: int, seconds: float) -> Phase:
+    """``clients`` concurrent clients for ``seconds`` (or ``phase.max_requests`` requests in total)."""
+    tasks = [asyncio.create_task(_client(url, phase)) for _ in range(clients)]
+    await asyncio.sleep(0.5)  # every client opens its connection and sends one untimed request
+    start = time.perf_counter()
+    phase.stop_at = start + seconds
+    phase.gate.set()
+    await asyncio.gather(*tasks)
+    phase.elapsed_s = time.perf_counter() - start
+    return phase
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 s per mode instead of 20 s")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent clients (default 50)")
+    parser.add_argument("--seconds", type=float, help="seconds per mode (default 20, quick 3)")
+    parser.add_argument("--max-requests", type=int, help="bound on requests per mode (default 500000, quick 50000)")
+    parser.add_argument("--rate", type=float, default=0.0, help="requests/s per client; 0 = closed loop (default)")
+    parser.add_argument("--space", default="small", help="search space of the LUT (default small)")
+    parser.add_argument("--backend", default="torch-cpu", help="backend of the LUT (default torch-cpu)")
+    parser.add_argument("--agent-log-level", default="warning", help="uvicorn log level of the agent")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default="agent_load", help="results file stem")
+    args = parser.parse_args(argv)
+    if args.clients < 1:
+        parser.error("--clients must be >= 1")
+    args.seconds = args.seconds or (3.0 if args.quick else 20.0)
+    args.max_requests = args.max_requests or (50_000 if args.quick else 500_000)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(f"machine: {machine_summary()}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="agent_load_") as tmp:
+        db = Path(tmp) / "agent.db"
+        with agent_process(db, log_level=args.agent_log_level) as url:
+            t0 = time.perf_counter()
+            with AgentClient(url, cache_dir=Path(tmp) / "cache") as client:
+                doc = client.request_lut(args.space, args.backend, budget=FAST_BUDGET, poll_s=0.2)
+            build_s = time.perf_counter() - t0
+            first = httpx.get(f"{url}/v1/luts/{doc['id']}", timeout=30)
+            first.raise_for_status()
+            etag = first.headers.get("etag")
+            if not etag:
+                raise RuntimeError("the agent sent no ETag with the LUT document")
+            print(
+                f"agent {url}: LUT {doc['id']} with {len(doc['entries'])} entries, {len(first.content)} bytes, "
+                f"built in {build_s:.1f} s",
+                file=sys.stderr,
+            )
+            modes = {}
+            for mode, tag in (("full", None), ("etag", etag)):
+                phase = Phase(
+                    path=f"/v1/luts/{doc['id']}",
+                    headers={"If-None-Match": tag} if tag else {},
+                    expect_status=304 if tag else 200,
+                    expect_body=b"" if tag else first.content,
+                    max_requests=args.max_requests,
+                    rate=args.rate,
+                )
+                print(f"mode {mode}: {args.clients} clients for {args.seconds:g} s ...", file=sys.stderr)
+                modes[mode] = asyncio.run(run_phase(url, phase, args.clients, args.seconds)).summary()
+
+    # Headline: the worse of the two modes on each measure (errors summed).
+    headline = {
+        "rps": min(m["rps"] for m in modes.values()),
+        "p50_ms": max(m["p50_ms"] for m in modes.values()),
+        "p99_ms": max(m["p99_ms"] for m in modes.values()),
+        "errors": sum(m["errors"] for m in modes.values()),
+    }
+    met = headline["p99_ms"] <= TARGET_P99_MS and headline["errors"] == 0
+    data = {
+        **headline,
+        "headline": "worst of the modes per measure (lowest rps, highest p50/p99), errors summed",
+        "target": {"p99_ms": TARGET_P99_MS, "errors": 0, "met": met},
+        "modes": modes,
+        "settings": {
+            "clients": args.clients,
+            "seconds_per_mode": args.seconds,
+            "max_requests_per_mode": args.max_requests,
+            "rate_per_client": args.rate,
+            "loop": "open (paced)" if args.rate > 0 else "closed (next request when the previous returns)",
+            "space": args.space,
+            "backend": args.backend,
+            "entries": len(doc["entries"]),
+            "document_bytes": len(first.content),
+            "agent_log_level": args.agent_log_level,
+            "quick": args.quick,
+        },
+    }
+    path = write_results(args.name, data, args.results_dir, quick=args.quick)
+
+    rows = [
+        [mode, m["requests"], m["errors"], m["rps"], m["p50_ms"], m["p90_ms"], m["p99_ms"], m["max_ms"]]
+        for mode, m in modes.items()
+    ]
+    print(f"{args.clients} clients, {args.seconds:g} s per mode, LUT of {len(doc['entries'])} entries")
+    print(format_table(["mode", "requests", "errors", "rps", "p50 ms", "p90 ms", "p99 ms", "max ms"], rows))
+    verdict = "MET" if met else "NOT MET"
+    print(f"target p99 <= {TARGET_P99_MS:g} ms and 0 errors: {verdict} (p99 {headline['p99_ms']:.2f} ms)")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
