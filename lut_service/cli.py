@@ -1,9 +1,115 @@
-"""Subcommands of this package (registered by effpose.cli)."""
+"""``effpose lut serve|build|show`` (registered by effpose.cli)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+from pose.space import SPACES, get_space, parse_hw
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lut_service.app import create_app
+    from lut_service.settings import Settings
+
+    settings = Settings.from_env(db_url=args.db, host=args.host, port=args.port)
+    if settings.db_url.startswith("sqlite"):
+        print(f"effpose lut serve: database {settings.db_url}", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
+def _space_arg(text: str) -> str | dict:
+    """``small``/``large`` go by name; a file is read here and sent inline (the agent never reads paths)."""
+    if text in SPACES:
+        return text
+    if not Path(text).is_file():
+        raise ValueError(f"--space {text!r}: expected small, large or a search-space JSON file")
+    return get_space(text).to_spec().model_dump(mode="json")
+
+
+def _build(args: argparse.Namespace) -> int:
+    from lut_service.client import AgentClient
+    from lut_service.lut import save_document, summarize
+
+    space = _space_arg(args.space)
+    with AgentClient(args.agent, retries=args.retries) as client:
+        doc = client.request_lut(
+            space,
+            args.backend,
+            batch=args.batch,
+            threads=args.threads,
+            input_hw=args.input,
+            joints=args.joints,
+            progress=not args.quiet,
+        )
+    path = save_document(doc, args.output)
+    summary = summarize(doc)
+    if args.json:
+        print(json.dumps({"path": str(path), "id": doc["id"], "entries": summary["entries"]}))
+    else:
+        print(f"wrote {path}: LUT {doc['id']}, {summary['entries']} entries, {doc['backend']} on {summary['device']}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from lut_service.lut import load_document, summarize
+
+    summary = summarize(load_document(args.file), slowest=args.top)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"LUT {summary['id']}: {summary['backend']} on {summary['device']}")
+    h, w = summary["input"]
+    print(f"  batch {summary['batch']}, threads {summary['threads']}, input {h}x{w}, {summary['entries']} entries")
+    print("  entries per part:")
+    for group, item in summary["per_stage"].items():
+        print(f"    {group:<10} {item['entries']:>4}   {item['min_ms']:9.4f} .. {item['max_ms']:9.4f} ms")
+    print(f"  slowest {len(summary['slowest'])}:")
+    for entry in summary["slowest"]:
+        print(f"    {entry['median_ms']:9.4f} ms  {entry['key']}")
+    spread = summary["iqr_over_median"]
+    print(
+        "  IQR/median: min {min:.3f}  median {median:.3f}  p90 {p90:.3f}  max {max:.3f}".format(**spread)
+        + f"  (samples {summary['samples']['min']}..{summary['samples']['max']})"
+    )
+    return 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    """Add this package's subcommands to the ``effpose`` parser."""
+    """Add ``lut`` and its subcommands to the ``effpose`` parser."""
+    from lut_service.profilers import BACKENDS
+
+    lut = commands.add_parser("lut", help="profiler agent and latency lookup tables")
+    sub = lut.add_subparsers(dest="lut_command", required=True, metavar="SUBCOMMAND")
+
+    serve = sub.add_parser("serve", help="run the profiler agent (FastAPI on uvicorn)")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1 or $EFFPOSE_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000 or $EFFPOSE_PORT)")
+    serve.add_argument("--db", default=None, help="SQLAlchemy URL (default $EFFPOSE_DB_URL or a SQLite file)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_serve)
+
+    build = sub.add_parser("build", help="request a LUT from an agent and save it as JSON")
+    build.add_argument("--agent", required=True, help="agent URL, e.g. http://127.0.0.1:8000")
+    build.add_argument("--space", required=True, help="small, large or a search-space JSON file")
+    build.add_argument("--backend", required=True, choices=BACKENDS)
+    build.add_argument("--batch", type=int, default=1)
+    build.add_argument("--threads", type=int, default=1)
+    build.add_argument("--input", type=parse_hw, default=(256, 256), help="HxW (default 256x256)")
+    build.add_argument("--joints", type=int, default=16)
+    build.add_argument("--retries", type=int, default=3)
+    build.add_argument("-o", "--output", required=True, help="LUT JSON file to write")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.add_argument("--json", action="store_true", help="print one JSON object")
+    build.set_defaults(func=_build)
+
+    show = sub.add_parser("show", help="summarize a LUT file: entries per stage, slowest ops, spread")
+    show.add_argument("file")
+    show.add_argument("--top", type=int, default=10, help="how many slowest entries to list")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(func=_show)

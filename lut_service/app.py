@@ -1,0 +1,56 @@
+"""``create_app(settings)``: the FastAPI application; its lifespan owns the database and the worker."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+import lut_service
+from lut_service import crud
+from lut_service.db import init_db, make_engine, session_scope
+from lut_service.fingerprint import device_id, fingerprint
+from lut_service.routes import router
+from lut_service.settings import Settings
+from lut_service.worker import Worker
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.db_url)
+        sessions = init_db(engine)
+        info = fingerprint()
+        app.state.settings = settings
+        app.state.sessions = sessions
+        app.state.fingerprint = info
+        app.state.device_id = device_id(info)
+        app.state.submit_lock = threading.Lock()
+        app.state.documents = {}
+        with session_scope(sessions) as session:
+            crud.ensure_device(session, app.state.device_id, info)
+        app.state.worker = Worker(sessions, settings.budget, settings.poll_interval_s)
+        app.state.worker.start()  # picks up jobs left unfinished by a previous run first
+        try:
+            yield
+        finally:
+            app.state.worker.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="effpose profiler agent",
+        version=lut_service.__version__,
+        description="Measures every candidate op of a search space on this device into a lookup table.",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory lut_service.app:app_from_env``."""
+    return create_app(Settings.from_env())

@@ -1,0 +1,195 @@
+"""Database operations shared by the routes and the worker (one place that writes rows)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from lut_service.models import ACTIVE_STATES, Device, Job, Lut, Measurement
+from lut_service.profilers import Timing
+
+MEASUREMENT_FIELDS = ("median_ms", "p10_ms", "p90_ms", "iqr_ms", "samples", "raw_median_ms", "overhead_ms")
+
+
+def ensure_device(session: Session, device_id: str, fingerprint: dict[str, Any]) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        device = Device(id=device_id, fingerprint=fingerprint)
+        session.add(device)
+        session.flush()
+    return device
+
+
+def upsert_measurement(
+    session: Session,
+    *,
+    device_id: str,
+    backend: str,
+    key: str,
+    batch: int,
+    dtype: str,
+    threads: int,
+    timing: Timing,
+    overhead_ms: float = 0.0,
+) -> None:
+    """Insert or replace the row for (device, backend, key, batch, dtype, threads): never a duplicate.
+
+    ``timing`` is the raw measurement; the stored median/p10/p90 have ``overhead_ms`` subtracted (>= 0).
+    """
+    values = {
+        "device_id": device_id,
+        "backend": backend,
+        "key": key,
+        "batch": batch,
+        "dtype": dtype,
+        "threads": threads,
+        "median_ms": max(timing.median_ms - overhead_ms, 0.0),
+        "p10_ms": max(timing.p10_ms - overhead_ms, 0.0),
+        "p90_ms": max(timing.p90_ms - overhead_ms, 0.0),
+        "iqr_ms": timing.iqr_ms,
+        "samples": timing.samples,
+        "raw_median_ms": timing.median_ms,
+        "overhead_ms": overhead_ms,
+    }
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        insert = sqlite_insert if dialect == "sqlite" else pg_insert
+        stmt = insert(Measurement).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["device_id", "backend", "key", "batch", "dtype", "threads"],
+            set_={name: stmt.excluded[name] for name in MEASUREMENT_FIELDS},
+        )
+        session.execute(stmt)
+        return
+    row = session.scalar(
+        select(Measurement).filter_by(
+            device_id=device_id, backend=backend, key=key, batch=batch, dtype=dtype, threads=threads
+        )
+    )
+    if row is None:
+        session.add(Measurement(**values))
+    else:
+        for name in MEASUREMENT_FIELDS:
+            setattr(row, name, values[name])
+    session.flush()
+
+
+def stored_measurements(session: Session, lut: Lut) -> dict[str, Measurement]:
+    """Rows already measured for ``lut``'s keys, by key."""
+    keys = set(lut.keys)
+    rows = session.scalars(
+        select(Measurement).filter_by(
+            device_id=lut.device_id, backend=lut.backend, batch=lut.batch, dtype=lut.dtype, threads=lut.threads
+        )
+    )
+    return {row.key: row for row in rows if row.key in keys}
+
+
+def lut_id_for(device_id: str, normalized: dict[str, Any]) -> str:
+    """Deterministic id: identical requests on the same device get the same LUT."""
+    blob = json.dumps({"device": device_id, **normalized}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def get_or_create_lut(
+    session: Session, lut_id: str, device_id: str, normalized: dict[str, Any], keys: list[str]
+) -> Lut:
+    lut = session.get(Lut, lut_id)
+    if lut is None:
+        lut = Lut(
+            id=lut_id,
+            device_id=device_id,
+            backend=normalized["backend"],
+            batch=normalized["batch"],
+            dtype=normalized["dtype"],
+            threads=normalized["threads"],
+            request=normalized,
+            keys=keys,
+        )
+        session.add(lut)
+        session.flush()
+    return lut
+
+
+def render_document(lut: Lut, device: Device, rows: dict[str, Measurement]) -> tuple[bytes, str]:
+    """The LUT document as canonical JSON bytes and its strong ETag (a hash of exactly those bytes)."""
+    request = lut.request
+    entries = []
+    for key in lut.keys:
+        row = rows[key]
+        entries.append(
+            {
+                "key": key,
+                "median_ms": round(row.median_ms, 6),
+                "p10_ms": round(row.p10_ms, 6),
+                "p90_ms": round(row.p90_ms, 6),
+                "iqr_ms": round(row.iqr_ms, 6),
+                "samples": row.samples,
+            }
+        )
+    overhead = next(key for key in lut.keys if key.startswith("overhead-"))
+    document = {
+        "id": lut.id,
+        "device": {"id": device.id, **device.fingerprint},
+        "backend": lut.backend,
+        "batch": lut.batch,
+        "dtype": lut.dtype,
+        "threads": lut.threads,
+        "input": list(request["input"]),
+        "space": request["space"],
+        "joints": request["joints"],
+        "head_widths": list(request["head_widths"]),
+        "head_style": request["head_style"],
+        "sic": request["sic"],
+        "overhead_key": overhead,
+        "entries": entries,
+    }
+    body = json.dumps(document, separators=(",", ":")).encode()
+    return body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def complete_document(session: Session, lut: Lut) -> tuple[bytes, str] | None:
+    """The stored document, or render and store it now if every key is measured; None while incomplete."""
+    if lut.document is not None and lut.etag is not None:
+        return lut.document.encode(), lut.etag
+    rows = stored_measurements(session, lut)
+    if len(rows) < len(lut.keys):
+        return None
+    device = session.get(Device, lut.device_id)
+    assert device is not None
+    body, etag = render_document(lut, device, rows)
+    lut.document, lut.etag = body.decode(), etag
+    session.flush()
+    return body, etag
+
+
+def active_job(session: Session, lut_id: str) -> Job | None:
+    return session.scalar(
+        select(Job).where(Job.lut_id == lut_id, Job.state.in_(ACTIVE_STATES)).order_by(Job.created_at).limit(1)
+    )
+
+
+def create_job(session: Session, lut: Lut, done: int, budget: dict[str, Any]) -> Job:
+    job = Job(
+        id=uuid.uuid4().hex, lut_id=lut.id, state="queued", done=done, total=len(lut.keys), errors=[], budget=budget
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def next_job(session: Session) -> Job | None:
+    """Oldest unfinished job (a job left ``running`` by a stopped agent is resumed first)."""
+    return session.scalar(
+        select(Job)
+        .where(Job.state.in_(ACTIVE_STATES))
+        .order_by((Job.state == "running").desc(), Job.created_at, Job.id)
+        .limit(1)
+    )

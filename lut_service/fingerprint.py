@@ -1,0 +1,92 @@
+"""Device fingerprint: what makes timings comparable. Same hardware and software -> same id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from functools import lru_cache
+from typing import Any
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _physical_cores() -> int | None:
+    """Distinct (physical id, core id) pairs from /proc/cpuinfo; None where that file is absent."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    cores = set()
+    for block in text.split("\n\n"):
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "core id" in fields:
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+@lru_cache(maxsize=1)
+def fingerprint() -> dict[str, Any]:
+    """Hardware and library versions of this process's machine (cached: it cannot change while running)."""
+    import numpy
+    import onnxruntime
+    import torch
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "machine": platform.machine(),
+        "physical_cores": _physical_cores(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": affinity,
+        "os": platform.system(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_providers": sorted(
+            p for p in onnxruntime.get_available_providers() if p != "AzureExecutionProvider"
+        ),
+        "numpy": numpy.__version__,
+        "gpus": [],
+        "cuda": None,
+        "cudnn": None,
+        "driver": None,
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["driver"] = _nvidia_driver()
+    return info
+
+
+def device_id(info: dict[str, Any]) -> str:
+    """Stable id: a hash of the canonical JSON of the fingerprint."""
+    blob = json.dumps(info, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

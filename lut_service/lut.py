@@ -1,0 +1,172 @@
+"""LUT documents as cost tables: load, validate, look up, and predict whole-network latency.
+
+Imported by the search (cost model) and the benchmarks; needs no agent and no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from lut_service.schemas import LutDocument
+from pose.space import ArchSpec, arch_keys, get_space
+
+
+def validate_document(doc: dict[str, Any], source: str = "LUT document") -> LutDocument:
+    try:
+        return LutDocument.model_validate(doc)
+    except ValidationError as exc:
+        raise ValueError(f"{source} is not a valid LUT document: {exc}") from None
+
+
+def load_document(path: str | Path) -> dict[str, Any]:
+    """Read and validate a LUT JSON file; ValueError/FileNotFoundError name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LUT file {path} does not exist")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"LUT file {path} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"LUT file {path} does not hold a JSON object")
+    validate_document(doc, f"LUT file {path}")
+    return doc
+
+
+def save_document(doc: dict[str, Any], path: str | Path) -> Path:
+    """Write atomically (temp file + rename): an interrupted write never leaves half a table."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class LutTable:
+    """Median cost (ms) per key. ``skip`` (key None) costs zero."""
+
+    costs: dict[str, float]
+    spread: dict[str, float]  # IQR / median per key
+    document: dict[str, Any]
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> LutTable:
+        validate_document(doc)
+        costs = {e["key"]: float(e["median_ms"]) for e in doc["entries"]}
+        spread = {
+            e["key"]: (float(e["iqr_ms"]) / float(e["median_ms"]) if e["median_ms"] > 0 else 0.0)
+            for e in doc["entries"]
+        }
+        return cls(costs, spread, doc)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LutTable:
+        return cls.from_document(load_document(path))
+
+    @property
+    def backend(self) -> str:
+        return self.document["backend"]
+
+    @property
+    def batch(self) -> int:
+        return int(self.document["batch"])
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return tuple(self.document["input"])  # type: ignore[return-value]
+
+    @property
+    def joints(self) -> int:
+        return int(self.document["joints"])
+
+    @property
+    def space(self):  # noqa: ANN201 - pose.space.SearchSpace
+        return get_space(self.document["space"])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.costs
+
+    def cost(self, key: str | None) -> float:
+        """Median milliseconds of ``key``; 0 for None (``skip``); KeyError naming the key when absent."""
+        if key is None:
+            return 0.0
+        try:
+            return self.costs[key]
+        except KeyError:
+            raise KeyError(f"LUT {self.document.get('id')} has no entry {key!r}") from None
+
+    def missing(self, keys: list[str | None]) -> list[str]:
+        return [k for k in dict.fromkeys(keys) if k is not None and k not in self.costs]
+
+    def predict(
+        self,
+        arch: ArchSpec,
+        input_hw: tuple[int, int] | None = None,
+        joints: int | None = None,
+        batch: int | None = None,
+    ) -> float:
+        """Predicted latency (ms) of the whole network: stem + head + overhead + chosen ops (Eq. 5)."""
+        keys = arch_keys(
+            arch,
+            input_hw or self.input_hw,
+            self.joints if joints is None else joints,
+            self.batch if batch is None else batch,
+        )
+        absent = self.missing(keys)
+        if absent:
+            raise KeyError(f"LUT {self.document.get('id')} lacks {len(absent)} keys for this arch, e.g. {absent[0]!r}")
+        return sum(self.costs[k] for k in keys)
+
+
+def summarize(doc: dict[str, Any], slowest: int = 10) -> dict[str, Any]:
+    """What ``effpose lut show`` prints: entries per stage, the slowest ops, and the spread of IQR/median."""
+    import numpy as np
+
+    space = get_space(doc["space"])
+    batch = int(doc["batch"])
+    from pose.space import layer_key
+
+    stage_of: dict[str, int] = {}
+    for layer in space.layers(tuple(doc["input"])):
+        for op in layer.legal_ops():
+            key = layer_key(op, layer, batch)
+            if key is not None:
+                stage_of.setdefault(key, layer.stage)
+    per_stage: dict[str, dict[str, Any]] = {}
+    for entry in doc["entries"]:
+        key = entry["key"]
+        group = f"stage {stage_of[key] + 1}" if key in stage_of else key.split("-", 1)[0]
+        item = per_stage.setdefault(group, {"entries": 0, "min_ms": None, "max_ms": None})
+        item["entries"] += 1
+        item["min_ms"] = entry["median_ms"] if item["min_ms"] is None else min(item["min_ms"], entry["median_ms"])
+        item["max_ms"] = entry["median_ms"] if item["max_ms"] is None else max(item["max_ms"], entry["median_ms"])
+    rel = np.array([e["iqr_ms"] / e["median_ms"] for e in doc["entries"] if e["median_ms"] > 0] or [0.0])
+    ranked = sorted(doc["entries"], key=lambda e: e["median_ms"], reverse=True)
+    return {
+        "id": doc["id"],
+        "backend": doc["backend"],
+        "device": doc["device"].get("cpu") if not doc["device"].get("gpus") else ", ".join(doc["device"]["gpus"]),
+        "batch": batch,
+        "threads": doc["threads"],
+        "input": doc["input"],
+        "entries": len(doc["entries"]),
+        "per_stage": per_stage,
+        "slowest": [{"key": e["key"], "median_ms": e["median_ms"]} for e in ranked[:slowest]],
+        "iqr_over_median": {
+            "min": float(rel.min()),
+            "median": float(np.median(rel)),
+            "p90": float(np.percentile(rel, 90)),
+            "max": float(rel.max()),
+        },
+        "samples": {
+            "min": min(e["samples"] for e in doc["entries"]),
+            "max": max(e["samples"] for e in doc["entries"]),
+        },
+    }

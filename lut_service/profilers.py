@@ -1,0 +1,257 @@
+"""Timing backends: torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda.
+
+Every backend turns (module, input shape, threads) into a ``Runner``: a callable that runs the module
+once on fixed random input and returns that call's time in milliseconds. ``measure`` drives a runner:
+warm-up, then repeats until IQR/median is under the budget's target or its time cap, and returns the
+median with its spread. The same runners time whole networks (``measure_module``), so an op and a
+network are timed by one harness and a per-call overhead entry makes their sums comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lut_service.settings import Budget
+
+BACKENDS: tuple[str, ...] = ("torch-cpu", "torch-cuda", "onnxruntime-cpu", "onnxruntime-cuda")
+DTYPES: tuple[str, ...] = ("float32",)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    iqr_ms: float
+    samples: int
+
+    @property
+    def rel_iqr(self) -> float:
+        return self.iqr_ms / self.median_ms if self.median_ms > 0 else 0.0
+
+
+def summarize(samples_ms: list[float] | np.ndarray) -> Timing:
+    values = np.asarray(samples_ms, dtype=np.float64)
+    p10, p25, p50, p75, p90 = np.percentile(values, [10, 25, 50, 75, 90])
+    return Timing(float(p50), float(p10), float(p90), float(p75 - p25), int(values.size))
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run here, or None when it can."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}"
+    if backend == "torch-cuda" and not torch.cuda.is_available():
+        return "backend 'torch-cuda' is not available on this device: torch sees no CUDA GPU"
+    if backend == "onnxruntime-cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return (
+                "backend 'onnxruntime-cuda' is not available on this device: onnxruntime has no "
+                "CUDAExecutionProvider (install onnxruntime-gpu on a CUDA machine)"
+            )
+        if not torch.cuda.is_available():
+            return "backend 'onnxruntime-cuda' is not available on this device: no CUDA GPU is visible"
+    return None
+
+
+def available_backends() -> list[str]:
+    return [b for b in BACKENDS if unavailable_reason(b) is None]
+
+
+class Runner:
+    """One prepared module on one backend; ``run(calls)`` executes it ``calls`` times back to back and
+    returns the mean milliseconds per call (one timing sample)."""
+
+    def run(self, calls: int = 1) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _random_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+class TorchCpuRunner(Runner):
+    def __init__(self, module: nn.Module, input_shape: tuple[int, ...], threads: int) -> None:
+        torch.set_num_threads(threads)  # process-wide; the agent runs exactly one profiling worker
+        self.module = module.eval()
+        self.x = _random_input(input_shape)
+
+    def run(self, calls: int = 1) -> float:
+        module, x = self.module, self.x
+        with torch.inference_mode():
+            start = time.perf_counter_ns()
+            for _ in range(calls):
+                module(x)
+            return (time.perf_counter_ns() - start) / 1e6 / calls
+
+
+class TorchCudaRunner(Runner):
+    """CUDA events around the call: GPU time including launch gaps, without host-side jitter."""
+
+    def __init__(self, module: nn.Module, input_shape: tuple[int, ...], threads: int) -> None:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = True
+        self.module = module.eval().cuda()
+        self.x = _random_input(input_shape).cuda()
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+
+    def run(self, calls: int = 1) -> float:
+        module, x = self.module, self.x
+        with torch.inference_mode():
+            self.start.record()
+            for _ in range(calls):
+                module(x)
+            self.end.record()
+        self.end.synchronize()
+        return float(self.start.elapsed_time(self.end)) / calls
+
+    def close(self) -> None:
+        del self.module, self.x
+        torch.cuda.empty_cache()
+
+
+def ort_session_options(threads: int):  # noqa: ANN201 - onnxruntime type
+    """Fixed threads, sequential execution: the settings every ORT timing here uses."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return options
+
+
+class OrtRunner(Runner):
+    """Exports the module to ONNX, times ``run_with_iobinding`` with input and output bound once.
+
+    IO binding keeps input/output copies out of the timed call, so what remains per call besides the
+    kernels is the fixed session overhead that the overhead entry measures.
+    """
+
+    def __init__(
+        self, module: nn.Module, input_shape: tuple[int, ...], threads: int, device: str, workdir: Path
+    ) -> None:
+        import onnxruntime as ort
+
+        from pose.export import export_onnx
+
+        module = module.eval()
+        batch, channels, h, w = input_shape
+        path = Path(tempfile.mkstemp(suffix=".onnx", dir=workdir)[1])
+        try:
+            export_onnx(module, path, (h, w), batch, channels=channels)
+            providers = (
+                ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+            )
+            self.session = ort.InferenceSession(str(path), ort_session_options(threads), providers=providers)
+        finally:
+            path.unlink(missing_ok=True)
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise RuntimeError("onnxruntime could not load its CUDA execution provider (check CUDA/cuDNN libraries)")
+        x = _random_input(input_shape)
+        with torch.inference_mode():
+            out_shape = list(module(x).shape)
+        self.device = device
+        self.binding = self.session.io_binding()
+        self.x = ort.OrtValue.ortvalue_from_numpy(x.numpy(), device, 0)
+        self.y = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32, device, 0)
+        self.binding.bind_ortvalue_input(self.session.get_inputs()[0].name, self.x)
+        self.binding.bind_ortvalue_output(self.session.get_outputs()[0].name, self.y)
+
+    def run(self, calls: int = 1) -> float:
+        session, binding = self.session, self.binding
+        start = time.perf_counter_ns()
+        for _ in range(calls):
+            session.run_with_iobinding(binding)  # synchronous, also on the CUDA EP
+        return (time.perf_counter_ns() - start) / 1e6 / calls
+
+    def close(self) -> None:
+        del self.binding, self.session, self.x, self.y
+
+
+def make_runner(
+    backend: str, module: nn.Module, input_shape: tuple[int, ...], threads: int, workdir: Path | None = None
+) -> Runner:
+    """Prepare ``module`` at ``input_shape`` (N, C, H, W) on ``backend``; raise RuntimeError if unavailable."""
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if backend == "torch-cpu":
+        return TorchCpuRunner(module, input_shape, threads)
+    if backend == "torch-cuda":
+        return TorchCudaRunner(module, input_shape, threads)
+    workdir = Path(workdir or tempfile.gettempdir())
+    return OrtRunner(module, input_shape, threads, "cuda" if backend == "onnxruntime-cuda" else "cpu", workdir)
+
+
+def measure(run: Callable[[int], float], budget: Budget, should_stop: Callable[[], bool] | None = None) -> Timing:
+    """Warm up, then repeat until IQR/median < target (after ``min_samples``) or the time cap is hit.
+
+    A sample is the mean of enough back-to-back calls to last ``min_sample_ms``, so microsecond-scale
+    entries are not dominated by timer resolution; sample means of ops add up like network means do.
+    """
+    warm_start = time.perf_counter()
+    warm: list[float] = []
+    while len(warm) < budget.warmup_runs or time.perf_counter() - warm_start < budget.warmup_s:
+        warm.append(run(1))
+    per_call = min(warm[-3:]) if warm else 0.0
+    calls = max(1, min(10_000, math.ceil(budget.min_sample_ms / per_call))) if per_call > 0 else 1
+    samples: list[float] = []
+    start = time.perf_counter()
+    while True:
+        samples.append(run(calls))
+        n = len(samples)
+        if n >= budget.max_samples:
+            break
+        if n < budget.min_samples:
+            continue
+        if time.perf_counter() - start >= budget.max_seconds or (should_stop is not None and should_stop()):
+            break
+        if n < 50 or n % 5 == 0:
+            q25, q50, q75 = np.percentile(samples, [25, 50, 75])
+            if q50 > 0 and (q75 - q25) / q50 < budget.target_rel_iqr:
+                break
+    return summarize(samples)
+
+
+def measure_module(
+    backend: str,
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    threads: int,
+    budget: Budget,
+    workdir: Path | None = None,
+) -> Timing:
+    """Time any one-input module (an op or a whole network) with the harness the LUT entries use."""
+    runner = make_runner(backend, module, input_shape, threads, workdir)
+    try:
+        return measure(runner.run, budget)
+    finally:
+        runner.close()
+
+
+def overhead_probe(backend: str, batch: int, input_hw: tuple[int, int]) -> tuple[nn.Module, tuple[int, ...]]:
+    """The near-empty call whose time is the fixed per-inference overhead of ``backend``.
+
+    torch: an Identity on the network input (Python dispatch and harness only; no kernel).
+    onnxruntime: one ReLU on a single value per image (session.run overhead, one tiny kernel).
+    """
+    if backend.startswith("torch"):
+        return nn.Identity(), (batch, 3, *input_hw)
+    return nn.ReLU(), (batch, 1, 1, 1)

@@ -1,0 +1,209 @@
+"""HTTP API under ``/v1``: health, device, LUT requests, jobs, LUT documents (strong ETag)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+import lut_service
+from lut_service import crud
+from lut_service.models import Job, Lut
+from lut_service.plan import largest_activation, lut_keys
+from lut_service.profilers import BACKENDS, unavailable_reason
+from lut_service.schemas import DeviceInfo, ErrorMessage, Health, JobStatus, LutAccepted, LutDocument, LutRequest
+from lut_service.settings import Settings
+from pose.space import SPACES, SearchSpace, get_space
+
+router = APIRouter(prefix="/v1")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorMessage, "description": "the backend is not available on this device"},
+    422: {"description": "invalid request (the message names the field or the limit)"},
+}
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    session = request.app.state.sessions()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _resolve_space(space: str | dict[str, Any]) -> SearchSpace:
+    if isinstance(space, str):
+        # Names only: a string is never read as a path on the agent's machine.
+        if space not in SPACES:
+            raise HTTPException(
+                422, f"unknown search space {space!r}: expected one of {', '.join(SPACES)} or an inline space object"
+            )
+        return SPACES[space]
+    try:
+        return get_space(space)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def normalize(body: LutRequest, settings: Settings) -> tuple[dict[str, Any], SearchSpace, list[str]]:
+    """Check a request against this device and the limits; return its canonical form, space and keys."""
+    space = _resolve_space(body.space)
+    reason = unavailable_reason(body.backend)
+    if reason is not None:
+        raise HTTPException(400, reason)
+    height, width = body.input
+    if min(height, width) < 8 or max(height, width) > settings.max_input_side:
+        raise HTTPException(
+            422,
+            f"input {height}x{width} out of range: each side must be 8 up to the limit of {settings.max_input_side}",
+        )
+    if body.batch > settings.max_batch:
+        raise HTTPException(422, f"batch {body.batch} exceeds the limit of {settings.max_batch}")
+    if any(not 1 <= w <= 4096 for w in body.head_widths):
+        raise HTTPException(422, f"head_widths must be 1..4096 channels each, got {body.head_widths}")
+    if body.backend.endswith("-cpu"):
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if usable and body.threads > usable:
+            raise HTTPException(422, f"threads {body.threads} exceeds the {usable} CPUs usable on this device")
+    elements = largest_activation(space, (height, width), body.batch, tuple(body.head_widths))
+    if elements > settings.max_tensor_elements:
+        raise HTTPException(
+            422,
+            f"request needs a tensor of {elements} elements, above the limit of {settings.max_tensor_elements} "
+            "(reduce batch, input size or channels)",
+        )
+    normalized = {
+        "space": space.to_spec().model_dump(mode="json"),
+        "backend": body.backend,
+        "batch": body.batch,
+        "threads": body.threads,
+        "dtype": body.dtype,
+        "input": [height, width],
+        "joints": body.joints,
+        "head_widths": list(body.head_widths),
+        "head_style": body.head_style,
+        "sic": body.sic,
+    }
+    keys = lut_keys(space, (height, width), body.batch, body.joints, tuple(body.head_widths), body.head_style, body.sic)
+    if len(keys) > settings.max_keys:
+        raise HTTPException(422, f"the space has {len(keys)} unique keys, above the limit of {settings.max_keys}")
+    return normalized, space, keys
+
+
+def _document_response(body: bytes, etag: str, status_code: int = 200) -> Response:
+    return Response(body, status_code, media_type="application/json", headers={"ETag": etag})
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    # If-None-Match uses the weak comparison: W/"x" matches "x".
+    candidates = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return etag in candidates
+
+
+@router.get("/health", response_model=Health)
+def health(request: Request) -> Health:
+    return Health(version=lut_service.__version__, worker_alive=request.app.state.worker.alive)
+
+
+@router.get("/device", response_model=DeviceInfo)
+def device(request: Request) -> DeviceInfo:
+    unavailable = {b: r for b in BACKENDS if (r := unavailable_reason(b)) is not None}
+    return DeviceInfo(
+        id=request.app.state.device_id,
+        fingerprint=request.app.state.fingerprint,
+        backends=[b for b in BACKENDS if b not in unavailable],
+        unavailable=unavailable,
+    )
+
+
+@router.post(
+    "/luts",
+    status_code=202,
+    response_model=LutAccepted,
+    responses={**ERRORS, 200: {"model": LutDocument, "description": "every entry is already stored"}},
+)
+def request_lut(body: LutRequest, request: Request, session: SessionDep) -> Response:
+    """Queue the profiling of the missing entries (202 + job), or return the table when it is complete (200)."""
+    state = request.app.state
+    normalized, _, keys = normalize(body, state.settings)
+    lut_id = crud.lut_id_for(state.device_id, normalized)
+    budget = body.budget.model_dump(exclude_none=True) if body.budget else {}
+    with state.submit_lock:  # one agent process: identical concurrent requests end up on one job
+        lut = crud.get_or_create_lut(session, lut_id, state.device_id, normalized, keys)
+        document = crud.complete_document(session, lut)
+        if document is not None:
+            session.commit()
+            return _document_response(*document)
+        job = crud.active_job(session, lut_id)
+        if job is None:
+            done = len(crud.stored_measurements(session, lut))
+            try:
+                job = crud.create_job(session, lut, done, budget)
+                session.commit()
+            except IntegrityError:  # another process created the active job first
+                session.rollback()
+                job = crud.active_job(session, lut_id)
+                if job is None:
+                    raise HTTPException(409, "conflicting request; retry") from None
+        else:
+            session.commit()
+    state.worker.wake()
+    return JSONResponse(
+        LutAccepted(job_id=job.id, lut_id=lut_id).model_dump(),
+        status_code=202,
+        headers={"Location": f"/v1/jobs/{job.id}"},
+    )
+
+
+@router.get("/jobs/{job_id}", response_model=JobStatus, responses={404: {"model": ErrorMessage}})
+def get_job(job_id: str, session: SessionDep) -> JobStatus:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise HTTPException(404, f"unknown job {job_id!r}")
+    return JobStatus(id=job.id, lut_id=job.lut_id, state=job.state, done=job.done, total=job.total, errors=job.errors)
+
+
+@router.get(
+    "/luts/{lut_id}",
+    response_model=LutDocument,
+    responses={
+        304: {"description": "If-None-Match matched the ETag"},
+        404: {"model": ErrorMessage},
+        409: {"model": ErrorMessage},
+    },
+)
+def get_lut(lut_id: str, request: Request, session: SessionDep) -> Response:
+    cache = request.app.state.documents  # complete documents never change: serve them from memory
+    cached = cache.get(lut_id)
+    if cached is None:
+        lut = session.get(Lut, lut_id)
+        if lut is None:
+            raise HTTPException(404, f"unknown LUT {lut_id!r}")
+        document = crud.complete_document(session, lut)
+        if document is None:
+            done = len(crud.stored_measurements(session, lut))
+            job = crud.active_job(session, lut_id)
+            hint = f"job {job.id} is {job.state}" if job else "no job is running: POST /v1/luts again to resume"
+            raise HTTPException(409, f"LUT {lut_id} is incomplete ({done}/{len(lut.keys)} entries); {hint}")
+        session.commit()
+        cached = cache[lut_id] = document
+    body, etag = cached
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers={"ETag": etag})
+    return _document_response(body, etag)

@@ -1,0 +1,107 @@
+"""Request and response bodies of the agent API, including the LUT document (see ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Backend = Literal["torch-cpu", "torch-cuda", "onnxruntime-cpu", "onnxruntime-cuda"]
+JobState = Literal["queued", "running", "done", "failed"]
+
+
+class BudgetOverrides(BaseModel):
+    """Optional per-request timing budget (see ``settings.Budget``); not part of the LUT identity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warmup_runs: int | None = Field(None, ge=0, le=1000)
+    warmup_s: float | None = Field(None, ge=0, le=10)
+    min_samples: int | None = Field(None, ge=1, le=10_000)
+    max_samples: int | None = Field(None, ge=1, le=100_000)
+    target_rel_iqr: float | None = Field(None, ge=0, le=1)
+    max_seconds: float | None = Field(None, ge=0, le=120)
+    min_sample_ms: float | None = Field(None, ge=0, le=1000)
+
+
+class LutRequest(BaseModel):
+    """``space`` is ``small``, ``large`` or an inline space ``{"stem_channels", "stages": [[C, stride, n], ...]}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    space: str | dict[str, Any]
+    backend: Backend
+    batch: int = Field(1, ge=1)
+    threads: int = Field(1, ge=1, le=1024)
+    dtype: Literal["float32"] = "float32"
+    input: tuple[int, int] = Field((256, 256), description="input image [height, width]")
+    joints: int = Field(16, ge=1, le=1024)
+    head_widths: list[int] = Field(default_factory=lambda: [64, 32], min_length=1, max_length=8)
+    head_style: Literal["plain", "mbv1", "mbv2"] = "plain"
+    sic: bool = True
+    budget: BudgetOverrides | None = None
+
+
+class LutAccepted(BaseModel):
+    job_id: str
+    lut_id: str
+
+
+class JobError(BaseModel):
+    key: str
+    error: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    lut_id: str
+    state: JobState
+    done: int
+    total: int
+    errors: list[JobError]
+
+
+class LutEntry(BaseModel):
+    key: str
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    iqr_ms: float
+    samples: int
+
+
+class LutDocument(BaseModel):
+    """A complete lookup table. Op, stem and head medians exclude the per-call overhead, which is its own
+    entry (``overhead_key``) and is summed once per network."""
+
+    id: str
+    device: dict[str, Any]
+    backend: str
+    batch: int
+    dtype: str
+    threads: int
+    input: list[int]
+    space: dict[str, Any]
+    joints: int
+    head_widths: list[int]
+    head_style: str
+    sic: bool
+    overhead_key: str
+    entries: list[LutEntry]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    worker_alive: bool
+
+
+class DeviceInfo(BaseModel):
+    id: str
+    fingerprint: dict[str, Any]
+    backends: list[str]
+    unavailable: dict[str, str]
+
+
+class ErrorMessage(BaseModel):
+    detail: str

@@ -1,0 +1,85 @@
+"""Agent settings, read once from the environment (``EFFPOSE_*``) and passed explicitly to ``create_app``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+
+def default_db_url() -> str:
+    """SQLite file under the user's data directory (``$XDG_DATA_HOME/effpose/agent.db``)."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return f"sqlite:///{base / 'effpose' / 'agent.db'}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long one LUT entry is timed: warm-up, then repeats until IQR/median < target or a time cap.
+
+    Defaults are sized so the full LUT of both spaces builds in about 30 s per CPU backend (issue 6).
+    """
+
+    warmup_runs: int = 2
+    warmup_s: float = 0.02  # at least this much warm-up time as well as warmup_runs calls
+    min_samples: int = 9
+    max_samples: int = 300
+    target_rel_iqr: float = 0.03  # stop once IQR / median is below this
+    max_seconds: float = 0.25  # per-entry time cap for the timed repeats
+    min_sample_ms: float = 0.5  # one sample averages back-to-back calls until it lasts this long
+
+    def merged(self, overrides: dict | None) -> Budget:
+        """This budget with the non-None fields of ``overrides`` applied."""
+        if not overrides:
+            return self
+        names = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in overrides.items() if k in names and v is not None})
+
+
+def _env_budget() -> Budget:
+    defaults = Budget()
+    values = {}
+    for f in fields(Budget):
+        raw = os.environ.get(f"EFFPOSE_PROFILE_{f.name.upper()}")
+        if raw is not None:
+            try:
+                values[f.name] = type(getattr(defaults, f.name))(raw)
+            except ValueError as exc:
+                raise ValueError(f"EFFPOSE_PROFILE_{f.name.upper()}={raw!r} is not a number") from exc
+    return replace(defaults, **values)
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_url: str = field(default_factory=default_db_url)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None  # reserved: bearer token for write endpoints (issue 7)
+    budget: Budget = field(default_factory=Budget)
+    # Bounds checked before any tensor is allocated (a request beyond them gets 422 naming the limit).
+    max_batch: int = 256
+    max_input_side: int = 2048
+    max_keys: int = 4096
+    max_tensor_elements: int = 1 << 28  # largest activation (batch x C x H x W) a request may need
+    poll_interval_s: float = 1.0  # how often the idle worker looks at the jobs table
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        env = os.environ
+        values: dict[str, object] = {
+            "db_url": env.get("EFFPOSE_DB_URL") or default_db_url(),
+            "host": env.get("EFFPOSE_HOST", "127.0.0.1"),
+            "port": int(env.get("EFFPOSE_PORT", "8000")),
+            "token": env.get("EFFPOSE_TOKEN") or None,
+            "budget": _env_budget(),
+        }
+        for name, var in (
+            ("max_batch", "EFFPOSE_MAX_BATCH"),
+            ("max_input_side", "EFFPOSE_MAX_INPUT_SIDE"),
+            ("max_keys", "EFFPOSE_MAX_KEYS"),
+            ("max_tensor_elements", "EFFPOSE_MAX_TENSOR_ELEMENTS"),
+        ):
+            if env.get(var):
+                values[name] = int(env[var])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
