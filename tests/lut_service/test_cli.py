@@ -1,0 +1,52 @@
+"""``effpose lut build|show`` as a user runs them, against the real agent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import free_port
+
+
+def effpose(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "effpose", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_build_and_show(agent, tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"name": "tiny", "stem_channels": 8, "stages": [[16, 2, 2]]}))
+    out = tmp_path / "lut.json"
+    built = effpose(
+        "lut", "build", "--agent", agent.url, "--space", str(space), "--backend", "torch-cpu",
+        "--input", "64x64", "--joints", "17", "-o", str(out), "--json",
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    result = json.loads(built.stdout)
+    doc = json.loads(out.read_text())
+    assert result["id"] == doc["id"] and result["entries"] == len(doc["entries"]) == 15
+    assert doc["joints"] == 17 and doc["input"] == [64, 64]
+    shown = effpose("lut", "show", str(out), "--json")
+    assert shown.returncode == 0, shown.stderr
+    summary = json.loads(shown.stdout)
+    assert summary["entries"] == 15 and set(summary["per_stage"]) == {"stem", "head", "overhead", "stage 1"}
+    assert set(summary["iqr_over_median"]) == {"min", "median", "p90", "max"}
+    text = effpose("lut", "show", str(out))
+    assert text.returncode == 0 and "slowest" in text.stdout and "IQR/median" in text.stdout
+
+
+def test_build_errors_are_clear(agent, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = effpose(
+        "lut", "build", "--agent", dead, "--space", "small", "--backend", "torch-cpu", "-o", str(tmp_path / "x.json"),
+        "--retries", "0",
+    )  # fmt: skip
+    assert result.returncode == 2 and dead in result.stderr and "unreachable" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = effpose(
+        "lut", "build", "--agent", agent.url, "--space", "nosuch", "--backend", "torch-cpu",
+        "-o", str(tmp_path / "y.json"),
+    )  # fmt: skip
+    assert bad.returncode == 2 and "nosuch" in bad.stderr
+    missing = effpose("lut", "show", str(tmp_path / "none.json"))
+    assert missing.returncode == 2 and "none.json" in missing.stderr
