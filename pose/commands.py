@@ -125,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unit = "PCKh" if "Mean" in metrics else "OKS AP"
     print(f"{unit} of {source} on {args.data} ({dataset.kind}, {len(dataset)} samples)")
     print("  ".join(f"{k:>8}" for k in metric_keys))
-    print("  ".join(f"{metrics[k]:8.2f}" for k in metric_keys))
+    print("  ".join(f"{metrics[k]:8.2f}" if metrics[k] is not None else f"{'n/a':>8}" for k in metric_keys))
     return 0
 
 

@@ -238,7 +238,7 @@ def coco_results(prediction: dict[str, np.ndarray], sigmas=COCO.sigmas) -> list[
     return results
 
 
-def coco_ap(gt: Any, results: list[dict]) -> dict[str, float]:
+def coco_ap(gt: Any, results: list[dict]) -> dict[str, float | None]:
     """pycocotools COCOeval (iouType keypoints) in percent; ``gt`` is a COCO api object or annotation path."""
     from pycocotools.cocoeval import COCOeval
 
@@ -252,7 +252,11 @@ def coco_ap(gt: Any, results: list[dict]) -> dict[str, float]:
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {key: float(max(value, 0.0) * 100.0) for key, value in zip(COCO_KEYS, evaluator.stats, strict=True)}
+    # COCOeval reports -1 where a category has no ground truth (e.g. no large person): None here
+    return {
+        key: (float(value) * 100.0 if value >= 0 else None)
+        for key, value in zip(COCO_KEYS, evaluator.stats, strict=True)
+    }
 
 
 # --------------------------------------------------------------------------- entry points

@@ -219,8 +219,13 @@ def train(
     device: str = "auto",
     progress: bool = True,
     log=None,
+    until_epoch: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``arch`` on ``data`` into ``out``; returns a summary (best metric, epochs, paths, skipped images)."""
+    """Train ``arch`` on ``data`` into ``out``; returns a summary (best metric, epochs, paths, skipped images).
+
+    ``until_epoch`` stops this invocation after that epoch while the schedule still follows ``epochs``
+    (training in stages; ``resume=True`` continues).
+    """
     start_time = time.time()
     deadline = start_time + max_minutes * 60 if max_minutes else None
     rank, world, dev = _setup_distributed(device)
@@ -317,7 +322,7 @@ def train(
             dist.all_reduce(counts)
             skipped, stats["loss"] = int(counts[0]), float(counts[1] / max(1.0, counts[2]))
         total_skipped += skipped
-        last = epoch + 1 == recipe.epochs or stopped
+        last = epoch + 1 == recipe.epochs or stopped or (until_epoch is not None and epoch + 1 >= until_epoch)
         entry: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": stats["loss"],
@@ -369,7 +374,7 @@ def train(
             )
         if world > 1:
             dist.barrier()
-        if stopped:
+        if stopped or (until_epoch is not None and epoch + 1 >= until_epoch):
             break
     if world > 1:
         dist.barrier()

@@ -372,7 +372,7 @@ def generate_mpii(
                     continue
                 raw_scale = max(box[2], box[3]) / 200.0
                 center = [box[0] + box[2] / 2, box[1] + box[3] / 2 - 15 * raw_scale]
-                one_based = np.where(vis[:, None], joints + 1, -1.0)
+                one_based = np.round(np.where(vis[:, None], joints + 1, -1.0), 2)
                 entries.append(
                     {
                         "image": name,
