@@ -9,6 +9,7 @@ network are timed by one harness and a per-call overhead entry makes their sums 
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
@@ -137,6 +138,15 @@ def ort_session_options(threads: int):  # noqa: ANN201 - onnxruntime type
     return options
 
 
+@functools.cache
+def _preload_cuda_dlls() -> None:
+    """Let onnxruntime-gpu (>= 1.21) load CUDA/cuDNN from the nvidia-* wheels torch installed; once."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
 class OrtRunner(Runner):
     """Exports the module to ONNX, times ``run_with_iobinding`` with input and output bound once.
 
@@ -151,6 +161,8 @@ class OrtRunner(Runner):
 
         from pose.export import export_onnx
 
+        if device == "cuda":
+            _preload_cuda_dlls()
         module = module.eval()
         batch, channels, h, w = input_shape
         path = Path(tempfile.mkstemp(suffix=".onnx", dir=workdir)[1])
