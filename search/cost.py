@@ -178,33 +178,111 @@ def lut_table(
     return CostTable(f"lut:{backend}", "ms", table, fixed, source, input_hw, batch, meta)
 
 
+def _request_body(space: SearchSpace, input_hw: tuple[int, int], head: HeadOptions, query: dict[str, str]) -> dict:
+    return {
+        "space": space.name if space.name in ("small", "large") else space.to_spec().model_dump(),
+        "backend": query.get("backend", DEFAULT_BACKEND),
+        "batch": int(query.get("batch", 1)),
+        "threads": int(query.get("threads", 1)),
+        "dtype": query.get("dtype", "float32"),
+        "input_hw": tuple(input_hw),
+        "joints": head.joints,
+        "head_widths": tuple(head.head_widths),
+        "head_style": head.head_style,
+        "sic": head.sic,
+    }
+
+
+def _index_path(agent) -> Path:  # noqa: ANN001 - lut_service.client.AgentClient
+    return Path(agent.cache_dir) / "search-requests.json"
+
+
+def _index_key(base: str, body: dict[str, Any]) -> str:
+    return json.dumps(
+        {"agent": base, **{k: list(v) if isinstance(v, tuple) else v for k, v in body.items()}}, sort_keys=True
+    )
+
+
+def _remember(agent, base: str, body: dict[str, Any], lut_id: str) -> None:  # noqa: ANN001
+    """Map this request to the LUT id it got, so an unreachable agent can fall back to the cached table."""
+    path = _index_path(agent)
+    try:
+        index = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        index = {}
+    index[_index_key(base, body)] = lut_id
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        tmp.replace(path)
+    except OSError as exc:
+        print(f"cost: warning: cannot write {path}: {exc}", file=sys.stderr)
+
+
+def _cached_document(agent, base: str, body: dict[str, Any]) -> dict[str, Any] | None:  # noqa: ANN001
+    try:
+        lut_id = json.loads(_index_path(agent).read_text()).get(_index_key(base, body))
+    except (OSError, ValueError, AttributeError):
+        return None
+    if lut_id is None:
+        return None
+    cached = agent._cached(lut_id)  # the client's ETag cache entry: (etag, document) or None
+    return None if cached is None else {"etag": cached[0], "document": cached[1]}
+
+
 def _agent_document(url: str, space: SearchSpace, input_hw: tuple[int, int], head: HeadOptions) -> dict[str, Any]:
-    """Request (or fetch) a LUT from an agent URL through the ``lut_service`` client."""
-    from lut_service import client as lut_client
+    """Request (or fetch) a LUT from an agent URL through the ``lut_service`` client.
+
+    The client retries connection errors and 5xx answers with backoff. When the agent stays unreachable or
+    failing, the table this same request got last time is taken from the client's ETag cache with a warning;
+    without one the error says what to do.
+    """
+    from lut_service.client import AgentClient, AgentError, fetch_lut
 
     parts = urlsplit(url)
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
     if "/v1/luts/" in parts.path:
-        return lut_client.fetch_lut(url)
-    unknown = set(query) - {"backend", "threads", "batch", "dtype"}
-    if unknown:
-        raise ValueError(f"agent URL {url}: unknown parameter(s) {', '.join(sorted(unknown))}")
-    agent = lut_client.AgentClient(base)
+        doc = fetch_lut(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
+        space_keys_needed = needed_keys(space, tuple(doc["input"]), int(doc["batch"]), head)
+        if not any(key not in {e["key"] for e in doc["entries"]} for key in space_keys_needed):
+            return doc
+        # the stored table lacks keys of this space: ask the agent for them with the same settings
+        print(f"cost: LUT {url} lacks keys of space {space.name!r}; requesting them from {base}", file=sys.stderr)
+        query = {k: str(doc[k]) for k in ("backend", "batch", "threads", "dtype")}
+        input_hw = (int(doc["input"][0]), int(doc["input"][1]))
+    else:
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(query) - {"backend", "threads", "batch", "dtype"}
+        if unknown:
+            raise ValueError(
+                f"agent URL {url}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                "expected backend, threads, batch, dtype"
+            )
     try:
-        return agent.request_lut(
-            space=space.to_spec().model_dump() if space.name not in ("small", "large") else space.name,
-            backend=query.get("backend", DEFAULT_BACKEND),
-            batch=int(query.get("batch", 1)),
-            threads=int(query.get("threads", 1)),
-            dtype=query.get("dtype", "float32"),
-            input_hw=input_hw,
-            joints=head.joints,
-        )
-    finally:
-        close = getattr(agent, "close", None)
-        if close is not None:
-            close()
+        body = _request_body(space, input_hw, head, query)
+    except ValueError as exc:
+        raise ValueError(f"agent URL {url}: {exc}") from None
+    with AgentClient(base) as agent:
+        try:
+            doc = agent.request_lut(**body)
+        except AgentError as exc:
+            if exc.status is not None and exc.status < 500:
+                raise  # the agent refused the request itself: a cached table would hide the problem
+            cached = _cached_document(agent, base, body)
+            if cached is None:
+                raise RuntimeError(
+                    f"{exc}; and no cached LUT for this request exists in {agent.cache_dir} "
+                    f"(start the agent with `effpose lut serve`, or pass a LUT file saved by `effpose lut build`)"
+                ) from None
+            print(
+                f"cost: warning: {exc}; using the last cached LUT {cached['document'].get('id')} "
+                f"(ETag {cached['etag']}) from {agent.cache_dir}",
+                file=sys.stderr,
+            )
+            return cached["document"]
+        _remember(agent, base, body, str(doc["id"]))
+        return doc
 
 
 def load_cost(

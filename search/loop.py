@@ -205,8 +205,18 @@ def _cost_values(terms: list[CostTerm], probs: Tensor, ops: list[str]) -> tuple[
     return expected, derived
 
 
-def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a differentiable search; write OUT/arch.json, plots, log; return the summary."""
+def run_search(
+    cfg: SearchConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> dict[str, Any] | None:
+    """Run (or resume) a differentiable search; write OUT/arch.json, plots, log; return the summary.
+
+    ``stop_after_epoch`` ends the run (returning None, checkpoint written) once that many epochs are done:
+    a time-boxed run to be continued with ``resume=True``.
+    """
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,6 +366,8 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False, progres
             f"entropy {record['entropy']:.3f} expected {costs_text} ({record['seconds']:.1f}s)",
             file=sys.stderr,
         )
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < total_epochs:
+            return None
 
     arch = net.derive(name=f"search-{space.name}-{cfg.mode}")
     return finish(out, arch, terms, net, history, cfg, joints)
