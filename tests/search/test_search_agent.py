@@ -1,0 +1,112 @@
+"""A search fed by a live profiler agent on 127.0.0.1, and the fallbacks when the agent goes away."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lut_service.lut import LutTable
+from pose.space import ArchSpec
+
+# A tiny timing budget (read by the agent from its environment) keeps profiling to seconds.
+FAST_BUDGET = {
+    "EFFPOSE_PROFILE_WARMUP_RUNS": "1",
+    "EFFPOSE_PROFILE_WARMUP_S": "0",
+    "EFFPOSE_PROFILE_MIN_SAMPLES": "3",
+    "EFFPOSE_PROFILE_MAX_SAMPLES": "20",
+    "EFFPOSE_PROFILE_MAX_SECONDS": "0.01",
+    "EFFPOSE_PROFILE_MIN_SAMPLE_MS": "0",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    root = tmp_path_factory.mktemp("agent")
+    port = _free_port()
+    env = {**os.environ, **FAST_BUDGET}
+    env.pop("EFFPOSE_TOKEN", None)
+    cmd = [sys.executable, "-m", "effpose.cli", "lut", "serve", "--port", str(port), "--db", f"sqlite:///{root}/a.db"]
+    log = open(root / "agent.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"agent did not start:\n{(root / 'agent.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    yield url, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    log.close()
+
+
+def _search(
+    tmp_path: Path, out: str, cache: Path, *costs: str, lambdas=("0.1",), space_file: Path
+) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "effpose.cli", "search", "--space", str(space_file), "--data", "synthetic:8",
+            "--input", "64x64", "--cost-input", "64x64", "--warmup-epochs", "0", "--epochs", "1",
+            "--batch-size", "4", "--max-batches", "1", "--no-progress", "--json",
+            "--out", str(tmp_path / out)]  # fmt: skip
+    for cost in costs:
+        args += ["--cost", cost]
+    for lam in lambdas:
+        args += ["--lambda", lam]
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_search_with_a_live_agent_then_cached_table_then_clear_error(tmp_path, agent, tiny_space):
+    url, proc = agent
+    space_file = tmp_path / "tiny.json"
+    space_file.write_text(json.dumps(tiny_space))
+    cache = tmp_path / "cache"
+    agent_cost = f"{url}?backend=torch-cpu&threads=1"
+    # two cost terms at once: FLOPs and the agent's torch-cpu latency, each with its own lambda
+    result = _search(tmp_path, "live", cache, "flops", agent_cost, lambdas=("0.1", "0.2"), space_file=space_file)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert set(summary["predicted_cost"]) == {"flops", "lut:torch-cpu"}
+    assert summary["predicted_cost"]["lut:torch-cpu"]["unit"] == "ms"
+    # the prediction is the LUT's own whole-network prediction of the derived architecture
+    from lut_service.client import AgentClient
+
+    with AgentClient(url, cache_dir=tmp_path / "other-cache") as client:
+        doc = client.request_lut(tiny_space, "torch-cpu", input_hw=(64, 64), joints=summary["joints"], progress=False)
+    arch = ArchSpec.load(tmp_path / "live" / "arch.json")
+    predicted = LutTable.from_document(doc).predict(arch, (64, 64), summary["joints"], 1)
+    assert summary["predicted_cost"]["lut:torch-cpu"]["value"] == pytest.approx(predicted, rel=1e-9)
+
+    # agent gone: after the client's retries the search uses the cached table of this request, with a warning
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    result = _search(tmp_path, "cached", cache, agent_cost, space_file=space_file)
+    assert result.returncode == 0, result.stderr
+    assert "unreachable" in result.stderr and "using the last cached LUT" in result.stderr
+    assert json.loads(result.stdout)["predicted_cost"]["lut:torch-cpu"]["value"] > 0
+
+    # no cache for this request: a clear error, exit code 2, no traceback
+    result = _search(tmp_path, "none", tmp_path / "empty-cache", agent_cost, space_file=space_file)
+    assert result.returncode == 2
+    assert "effpose search: error:" in result.stderr and "no cached LUT" in result.stderr
+    assert "Traceback" not in result.stderr
