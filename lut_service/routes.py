@@ -10,9 +10,11 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 import lut_service
 from lut_service import crud
+from lut_service.db import session_scope
 from lut_service.models import Job, Lut
 from lut_service.plan import largest_activation, lut_keys
 from lut_service.profilers import BACKENDS, unavailable_reason
@@ -179,19 +181,9 @@ def get_job(job_id: str, session: SessionDep) -> JobStatus:
     return JobStatus(id=job.id, lut_id=job.lut_id, state=job.state, done=job.done, total=job.total, errors=job.errors)
 
 
-@router.get(
-    "/luts/{lut_id}",
-    response_model=LutDocument,
-    responses={
-        304: {"description": "If-None-Match matched the ETag"},
-        404: {"model": ErrorMessage},
-        409: {"model": ErrorMessage},
-    },
-)
-def get_lut(lut_id: str, request: Request, session: SessionDep) -> Response:
-    cache = request.app.state.documents  # complete documents never change: serve them from memory
-    cached = cache.get(lut_id)
-    if cached is None:
+def _load_document(request: Request, lut_id: str) -> tuple[bytes, str]:
+    """The complete document (body, ETag) from the database, cached in memory; 404/409 otherwise."""
+    with session_scope(request.app.state.sessions) as session:
         lut = session.get(Lut, lut_id)
         if lut is None:
             raise HTTPException(404, f"unknown LUT {lut_id!r}")
@@ -201,8 +193,26 @@ def get_lut(lut_id: str, request: Request, session: SessionDep) -> Response:
             job = crud.active_job(session, lut_id)
             hint = f"job {job.id} is {job.state}" if job else "no job is running: POST /v1/luts again to resume"
             raise HTTPException(409, f"LUT {lut_id} is incomplete ({done}/{len(lut.keys)} entries); {hint}")
-        session.commit()
-        cached = cache[lut_id] = document
+    request.app.state.documents[lut_id] = document
+    return document
+
+
+@router.get(
+    "/luts/{lut_id}",
+    response_model=LutDocument,
+    responses={
+        304: {"description": "If-None-Match matched the ETag"},
+        404: {"model": ErrorMessage},
+        409: {"model": ErrorMessage},
+    },
+)
+async def get_lut(lut_id: str, request: Request) -> Response:
+    """Complete documents never change, so a cached one is answered on the event loop: no thread-pool
+    hop and no DB session per request (benchmarks/agent_load.py: ~0.75 -> ~0.27 ms server CPU per
+    request). Only a cache miss reads the database, in the thread pool."""
+    cached = request.app.state.documents.get(lut_id)
+    if cached is None:
+        cached = await run_in_threadpool(_load_document, request, lut_id)
     body, etag = cached
     if _etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers={"ETag": etag})
