@@ -38,6 +38,7 @@ def upsert_measurement(
     threads: int,
     timing: Timing,
     overhead_ms: float = 0.0,
+    clock: str = "wall",
 ) -> None:
     """Insert or replace the row for (device, backend, key, batch, dtype, threads): never a duplicate.
 
@@ -50,6 +51,7 @@ def upsert_measurement(
         "batch": batch,
         "dtype": dtype,
         "threads": threads,
+        "clock": clock,
         "median_ms": max(timing.median_ms - overhead_ms, 0.0),
         "p10_ms": max(timing.p10_ms - overhead_ms, 0.0),
         "p90_ms": max(timing.p90_ms - overhead_ms, 0.0),
@@ -63,14 +65,14 @@ def upsert_measurement(
         insert = sqlite_insert if dialect == "sqlite" else pg_insert
         stmt = insert(Measurement).values(**values)
         stmt = stmt.on_conflict_do_update(
-            index_elements=["device_id", "backend", "key", "batch", "dtype", "threads"],
+            index_elements=["device_id", "backend", "key", "batch", "dtype", "threads", "clock"],
             set_={name: stmt.excluded[name] for name in MEASUREMENT_FIELDS},
         )
         session.execute(stmt)
         return
     row = session.scalar(
         select(Measurement).filter_by(
-            device_id=device_id, backend=backend, key=key, batch=batch, dtype=dtype, threads=threads
+            device_id=device_id, backend=backend, key=key, batch=batch, dtype=dtype, threads=threads, clock=clock
         )
     )
     if row is None:
@@ -86,7 +88,12 @@ def stored_measurements(session: Session, lut: Lut) -> dict[str, Measurement]:
     keys = set(lut.keys)
     rows = session.scalars(
         select(Measurement).filter_by(
-            device_id=lut.device_id, backend=lut.backend, batch=lut.batch, dtype=lut.dtype, threads=lut.threads
+            device_id=lut.device_id,
+            backend=lut.backend,
+            batch=lut.batch,
+            dtype=lut.dtype,
+            threads=lut.threads,
+            clock=lut.request["clock"],
         )
     )
     return {row.key: row for row in rows if row.key in keys}
@@ -148,6 +155,7 @@ def render_document(lut: Lut, device: Device, rows: dict[str, Measurement]) -> t
         "head_widths": list(request["head_widths"]),
         "head_style": request["head_style"],
         "sic": request["sic"],
+        "clock": request["clock"],
         "overhead_key": overhead,
         "entries": entries,
     }

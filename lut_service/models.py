@@ -33,7 +33,11 @@ class Measurement(Base):
     """One timed LUT entry. Medians of ops are stored with the per-call overhead already subtracted."""
 
     __tablename__ = "measurements"
-    __table_args__ = (UniqueConstraint("device_id", "backend", "key", "batch", "dtype", "threads", name="uq_entry"),)
+    # ``clock`` (thread-cpu, wall, cuda-events) is part of the identity: values timed by different clocks
+    # never mix in one table.
+    __table_args__ = (
+        UniqueConstraint("device_id", "backend", "key", "batch", "dtype", "threads", "clock", name="uq_entry"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
@@ -42,6 +46,7 @@ class Measurement(Base):
     batch: Mapped[int] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(16))
     threads: Mapped[int] = mapped_column(Integer)
+    clock: Mapped[str] = mapped_column(String(16), default="wall")
     median_ms: Mapped[float] = mapped_column(Float)
     p10_ms: Mapped[float] = mapped_column(Float)
     p90_ms: Mapped[float] = mapped_column(Float)

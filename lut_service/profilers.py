@@ -69,6 +69,27 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b) is None]
 
 
+CLOCKS = ("auto", "wall")
+CLOCK_NAMES = ("thread-cpu", "wall", "cuda-events")  # what a table records; make_runner accepts them too
+
+
+def clock_name(backend: str, threads: int, clock: str = "auto") -> str:
+    """Which clock times ``backend``: ``cuda-events`` on torch-cuda; ``thread-cpu`` for a CPU backend on
+    one thread (the whole inference runs on the calling thread, so its CPU time is its latency without
+    the time other processes hold the core); ``wall`` otherwise or when ``clock="wall"``."""
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; expected one of {', '.join(CLOCKS)}")
+    if backend == "torch-cuda":
+        return "cuda-events"
+    if clock == "auto" and backend.endswith("-cpu") and threads == 1:
+        return "thread-cpu"
+    return "wall"
+
+
+def _timer(name: str) -> Callable[[], int]:
+    return time.thread_time_ns if name == "thread-cpu" else time.perf_counter_ns
+
+
 class Runner:
     """One prepared module on one backend; ``run(calls)`` executes it ``calls`` times back to back and
     returns the mean milliseconds per call (one timing sample)."""
@@ -85,18 +106,20 @@ def _random_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 
 
 class TorchCpuRunner(Runner):
-    def __init__(self, module: nn.Module, input_shape: tuple[int, ...], threads: int) -> None:
+    def __init__(self, module: nn.Module, input_shape: tuple[int, ...], threads: int, clock: str = "wall") -> None:
         torch.set_num_threads(threads)  # process-wide; the agent runs exactly one profiling worker
+        self.now = _timer(clock)
         self.module = module.eval()
         self.x = _random_input(input_shape)
 
     def run(self, calls: int = 1) -> float:
         module, x = self.module, self.x
+        now = self.now
         with torch.inference_mode():
-            start = time.perf_counter_ns()
+            start = now()
             for _ in range(calls):
                 module(x)
-            return (time.perf_counter_ns() - start) / 1e6 / calls
+            return (now() - start) / 1e6 / calls
 
 
 class TorchCudaRunner(Runner):
@@ -155,7 +178,13 @@ class OrtRunner(Runner):
     """
 
     def __init__(
-        self, module: nn.Module, input_shape: tuple[int, ...], threads: int, device: str, workdir: Path
+        self,
+        module: nn.Module,
+        input_shape: tuple[int, ...],
+        threads: int,
+        device: str,
+        workdir: Path,
+        clock: str = "wall",
     ) -> None:
         import onnxruntime as ort
 
@@ -180,6 +209,7 @@ class OrtRunner(Runner):
         with torch.inference_mode():
             out_shape = list(module(x).shape)
         self.device = device
+        self.now = _timer(clock)
         self.binding = self.session.io_binding()
         self.x = ort.OrtValue.ortvalue_from_numpy(x.numpy(), device, 0)
         self.y = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32, device, 0)
@@ -187,29 +217,39 @@ class OrtRunner(Runner):
         self.binding.bind_ortvalue_output(self.session.get_outputs()[0].name, self.y)
 
     def run(self, calls: int = 1) -> float:
-        session, binding = self.session, self.binding
-        start = time.perf_counter_ns()
+        session, binding, now = self.session, self.binding, self.now
+        start = now()
         for _ in range(calls):
             session.run_with_iobinding(binding)  # synchronous, also on the CUDA EP
-        return (time.perf_counter_ns() - start) / 1e6 / calls
+        return (now() - start) / 1e6 / calls
 
     def close(self) -> None:
         del self.binding, self.session, self.x, self.y
 
 
 def make_runner(
-    backend: str, module: nn.Module, input_shape: tuple[int, ...], threads: int, workdir: Path | None = None
+    backend: str,
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    threads: int,
+    workdir: Path | None = None,
+    clock: str = "auto",
 ) -> Runner:
-    """Prepare ``module`` at ``input_shape`` (N, C, H, W) on ``backend``; raise RuntimeError if unavailable."""
+    """Prepare ``module`` at ``input_shape`` (N, C, H, W) on ``backend``; raise RuntimeError if unavailable.
+
+    ``clock`` is ``auto`` (see ``clock_name``), ``wall``, or a name ``clock_name`` returned.
+    """
     reason = unavailable_reason(backend)
     if reason is not None:
         raise RuntimeError(reason)
+    timer = clock if clock in CLOCK_NAMES else clock_name(backend, threads, clock)
     if backend == "torch-cpu":
-        return TorchCpuRunner(module, input_shape, threads)
+        return TorchCpuRunner(module, input_shape, threads, timer)
     if backend == "torch-cuda":
         return TorchCudaRunner(module, input_shape, threads)
     workdir = Path(workdir or tempfile.gettempdir())
-    return OrtRunner(module, input_shape, threads, "cuda" if backend == "onnxruntime-cuda" else "cpu", workdir)
+    device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+    return OrtRunner(module, input_shape, threads, device, workdir, timer)
 
 
 def measure(run: Callable[[int], float], budget: Budget, should_stop: Callable[[], bool] | None = None) -> Timing:
@@ -249,9 +289,10 @@ def measure_module(
     threads: int,
     budget: Budget,
     workdir: Path | None = None,
+    clock: str = "auto",
 ) -> Timing:
-    """Time any one-input module (an op or a whole network) with the harness the LUT entries use."""
-    runner = make_runner(backend, module, input_shape, threads, workdir)
+    """Time any one-input module (an op or a whole network) with the harness and clock the LUT entries use."""
+    runner = make_runner(backend, module, input_shape, threads, workdir, clock)
     try:
         return measure(runner.run, budget)
     finally:

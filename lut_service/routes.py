@@ -17,7 +17,7 @@ from lut_service import crud
 from lut_service.db import session_scope
 from lut_service.models import Job, Lut
 from lut_service.plan import largest_activation, lut_keys
-from lut_service.profilers import BACKENDS, unavailable_reason
+from lut_service.profilers import BACKENDS, clock_name, unavailable_reason
 from lut_service.schemas import DeviceInfo, ErrorMessage, Health, JobStatus, LutAccepted, LutDocument, LutRequest
 from lut_service.settings import Settings
 from pose.space import SPACES, SearchSpace, get_space
@@ -97,6 +97,7 @@ def normalize(body: LutRequest, settings: Settings) -> tuple[dict[str, Any], Sea
         "head_widths": list(body.head_widths),
         "head_style": body.head_style,
         "sic": body.sic,
+        "clock": clock_name(body.backend, body.threads, settings.clock),
     }
     keys = lut_keys(space, (height, width), body.batch, body.joints, tuple(body.head_widths), body.head_style, body.sic)
     if len(keys) > settings.max_keys:

@@ -86,6 +86,7 @@ class LutDocument(BaseModel):
     head_widths: list[int]
     head_style: str
     sic: bool
+    clock: str = Field("wall", description="thread-cpu, wall or cuda-events: how every entry was timed")
     overhead_key: str
     entries: list[LutEntry]
 

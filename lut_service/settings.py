@@ -62,6 +62,7 @@ class Settings:
     max_keys: int = 4096
     max_tensor_elements: int = 1 << 28  # largest activation (batch x C x H x W) a request may need
     poll_interval_s: float = 1.0  # how often the idle worker looks at the jobs table
+    clock: str = "auto"  # "auto": thread CPU time on 1-thread CPU backends, else wall; "wall": always wall
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -72,6 +73,7 @@ class Settings:
             "port": int(env.get("EFFPOSE_PORT", "8000")),
             "token": env.get("EFFPOSE_TOKEN") or None,
             "budget": _env_budget(),
+            "clock": env.get("EFFPOSE_PROFILE_CLOCK", "auto"),
         }
         for name, var in (
             ("max_batch", "EFFPOSE_MAX_BATCH"),
@@ -82,4 +84,6 @@ class Settings:
             if env.get(var):
                 values[name] = int(env[var])
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["clock"] not in ("auto", "wall"):
+            raise ValueError(f"EFFPOSE_PROFILE_CLOCK={values['clock']!r}: expected auto or wall")
         return cls(**values)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,14 +27,22 @@ from pose.space import get_space
 log = logging.getLogger("lut_service.worker")
 
 
-def measure_entry(entry: PlannedEntry, backend: str, threads: int, budget: Budget, workdir: Path, stop=None) -> Timing:
+def measure_entry(
+    entry: PlannedEntry,
+    backend: str,
+    threads: int,
+    budget: Budget,
+    workdir: Path,
+    stop: Callable[[], bool] | None = None,
+    clock: str = "auto",
+) -> Timing:
     """Build the entry's module from ``pose`` and time it (the overhead entry with the backend's probe)."""
     if entry.kind == "overhead":
         batch, _, h, w = entry.input_shape
         module, shape = overhead_probe(backend, batch, (h, w))
     else:
         module, shape = entry.build(), entry.input_shape
-    runner = make_runner(backend, module, shape, threads, workdir)
+    runner = make_runner(backend, module, shape, threads, workdir, clock)
     try:
         return measure(runner.run, budget, stop)
     finally:
@@ -93,6 +102,7 @@ class Worker:
             assert lut is not None
             request = dict(lut.request)
             device_id, backend, batch, dtype, threads = lut.device_id, lut.backend, lut.batch, lut.dtype, lut.threads
+            clock = request["clock"]
             stored = crud.stored_measurements(session, lut)
             have = {key: row.raw_median_ms for key, row in stored.items()}
             job.state, job.errors, job.done, job.total = "running", [], len(stored), len(lut.keys)
@@ -122,7 +132,7 @@ class Worker:
                         overhead_ms = have[entry.key]
                     continue
                 try:
-                    timing = measure_entry(entry, backend, threads, budget, workdir, self._stop.is_set)
+                    timing = measure_entry(entry, backend, threads, budget, workdir, self._stop.is_set, clock)
                 except Exception as exc:  # a backend error or out of memory: record it, go on
                     log.warning("measuring %s failed: %s", entry.key, traceback.format_exc(limit=3))
                     errors.append({"key": entry.key, "error": f"{type(exc).__name__}: {exc}"})
@@ -143,6 +153,7 @@ class Worker:
                         threads=threads,
                         timing=timing,
                         overhead_ms=subtract,
+                        clock=clock,
                     )
                     job = session.get(Job, job_id)
                     job.done += 1
