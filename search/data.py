@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from pose.train import heatmap_loss  # noqa: F401  (re-exported: Eq. 6 L_MSE, the one training uses)
+
 
 def open_train_set(spec: str, input_hw: tuple[int, int], seed: int = 0) -> tuple[Dataset, Dataset, int]:
     """The training split of ``spec`` twice (with augmentation for the steps, without for validation;
@@ -40,14 +42,6 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor] | None:
     if batch is None or isinstance(batch, dict):
         return None
     return batch[0], batch[1], batch[2]
-
-
-def heatmap_loss(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
-    """Eq. 6's L_MSE as SimpleBaseline/HRNet compute it: per-joint MSE weighted by visibility, halved."""
-    n, k = pred.shape[:2]
-    w = weight.reshape(n, k, 1)
-    diff = (pred.reshape(n, k, -1) - target.reshape(n, k, -1)) * w
-    return 0.5 * diff.pow(2).mean()
 
 
 @torch.no_grad()
