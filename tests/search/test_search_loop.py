@@ -176,3 +176,19 @@ def test_random_search_baseline_picks_the_best_by_validation_accuracy(tmp_path, 
     best = max(results, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
     assert summary["ops"] == best["ops"] == ArchSpec.load(tmp_path / "arch.json").ops
     assert len((tmp_path / "random.jsonl").read_text().splitlines()) == 3
+
+
+def test_derived_arch_json_is_accepted_by_model_info_and_train(reference, tmp_path):
+    ref_out, _ = reference
+    arch = str(ref_out / "arch.json")
+    info = subprocess.run([sys.executable, "-m", "effpose.cli", "model", "info", arch, "--input", "64x64", "--json"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["params"] > 0
+    train = subprocess.run(
+        [sys.executable, "-m", "effpose.cli", "train", arch, "--data", "synthetic:8", "--epochs", "1",
+         "--batch-size", "8", "--input", "64x64", "--out", str(tmp_path / "train"), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert (tmp_path / "train" / "last.pt").is_file()
