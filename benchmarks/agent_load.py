@@ -120,9 +120,74 @@ async def _client(url: str, phase: Phase) -> None:
                 phase.latencies_s.append(elapsed)
 
 
-async def run_phase(url: str, phase: Phase, clients: int, seconds: float) -> Phase:
+async def _raw_client(url: str, phase: Phase) -> None:
+    """The same loop over a bare asyncio stream speaking minimal HTTP/1.1 (keep-alive, Content-Length).
+
+    httpx costs ~1.2 ms of client CPU per request here, more than the agent itself, so on 2 cores an
+    httpx load generator measures mostly itself; this one costs a few tens of microseconds.
+    """
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in phase.headers.items())
+    request = f"GET {phase.path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode()
+
+    async def fetch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, bytes]:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        body = await reader.readexactly(length) if length else b""
+        return status, body
+
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        try:
+            await fetch(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            phase.errors[f"warm-up {type(exc).__name__}"] += 1
+        await phase.gate.wait()
+        interval = 1.0 / phase.rate if phase.rate > 0 else 0.0
+        scheduled = time.perf_counter()
+        while True:
+            if interval:
+                scheduled += interval
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            now = time.perf_counter()
+            if now >= phase.stop_at or phase.sent >= phase.max_requests:
+                return
+            phase.sent += 1
+            t0 = scheduled if interval else now
+            try:
+                status, body = await asyncio.wait_for(fetch(reader, writer), timeout=10.0)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                phase.errors[type(exc).__name__] += 1
+                writer.close()  # the stream is in an unknown state: reconnect
+                reader, writer = await asyncio.open_connection(host, int(port))
+                continue
+            elapsed = time.perf_counter() - t0
+            phase.statuses[status] += 1
+            if status != phase.expect_status:
+                phase.errors[f"status {status}"] += 1
+            elif phase.expect_body is not None and body != phase.expect_body:
+                phase.errors["body differs"] += 1
+            else:
+                phase.latencies_s.append(elapsed)
+    finally:
+        writer.close()
+
+
+CLIENTS = {"raw": _raw_client, "httpx": _client}
+
+
+async def run_phase(url: str, phase: Phase, clients: int, seconds: float, kind: str = "raw") -> Phase:
     """``clients`` concurrent clients for ``seconds`` (or ``phase.max_requests`` requests in total)."""
-    tasks = [asyncio.create_task(_client(url, phase)) for _ in range(clients)]
+    tasks = [asyncio.create_task(CLIENTS[kind](url, phase)) for _ in range(clients)]
     await asyncio.sleep(0.5)  # every client opens its connection and sends one untimed request
     start = time.perf_counter()
     phase.stop_at = start + seconds
@@ -139,6 +204,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, help="seconds per mode (default 20, quick 3)")
     parser.add_argument("--max-requests", type=int, help="bound on requests per mode (default 500000, quick 50000)")
     parser.add_argument("--rate", type=float, default=0.0, help="requests/s per client; 0 = closed loop (default)")
+    parser.add_argument(
+        "--client",
+        choices=sorted(CLIENTS),
+        default="raw",
+        help="load generator: raw asyncio HTTP/1.1 (default, cheap) or httpx.AsyncClient",
+    )
     parser.add_argument("--space", default="small", help="search space of the LUT (default small)")
     parser.add_argument("--backend", default="torch-cpu", help="backend of the LUT (default torch-cpu)")
     parser.add_argument("--agent-log-level", default="warning", help="uvicorn log level of the agent")
@@ -183,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     rate=args.rate,
                 )
                 print(f"mode {mode}: {args.clients} clients for {args.seconds:g} s ...", file=sys.stderr)
-                modes[mode] = asyncio.run(run_phase(url, phase, args.clients, args.seconds)).summary()
+                modes[mode] = asyncio.run(run_phase(url, phase, args.clients, args.seconds, args.client)).summary()
 
     # Headline: the worse of the two modes on each measure (errors summed).
     headline = {
@@ -203,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_mode": args.seconds,
             "max_requests_per_mode": args.max_requests,
             "rate_per_client": args.rate,
+            "client": args.client,
             "loop": "open (paced)" if args.rate > 0 else "closed (next request when the previous returns)",
             "space": args.space,
             "backend": args.backend,
