@@ -12,13 +12,16 @@ Each mode runs for a fixed time and a bounded request count. A request is an err
 out, or answers an unexpected status or body. Latency is measured at the client, from just before the
 request is sent to the end of the response body.
 
-Clients are closed-loop by default (each sends its next request as soon as the previous one returns),
-so they measure the agent's capacity; with 50 in flight, Little's law ties latency to throughput
-(mean latency ~= 50 / rps). ``--rate R`` paces each client at R requests/s instead (open loop;
-latency is then counted from the scheduled send time, so a stall is not hidden).
+Each mode runs twice. Closed loop (the headline): each client sends its next request as soon as the
+previous one returns, which measures the agent's capacity; with 50 requests always in flight,
+Little's law ties latency to throughput (mean latency = 50 / rps), so p99 <= 10 ms needs roughly
+7000+ requests/s. Paced (open loop): each client sends ``--paced-rate`` requests/s (default 20, i.e.
+1000 requests/s in all) on a fixed schedule, and latency is counted from the scheduled send time, so
+a stall is not hidden (no coordinated omission); this is the latency a client sees below saturation.
+The agent's CPU time per request is read from /proc for every phase.
 
-    python benchmarks/agent_load.py --quick     # 3 s per mode
-    python benchmarks/agent_load.py             # 20 s per mode -> results/agent_load.json
+    python benchmarks/agent_load.py --quick     # 3 s per phase (4 phases)
+    python benchmarks/agent_load.py             # 20 s per phase -> results/agent_load.json
 
 Target: p99 <= 10 ms and 0 errors.
 """
@@ -57,6 +60,7 @@ class Phase:
     rate: float
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     stop_at: float = float("inf")
+    start: float = 0.0
     sent: int = 0
     elapsed_s: float = 0.0
     latencies_s: list[float] = field(default_factory=list)
@@ -84,7 +88,7 @@ class Phase:
         }
 
 
-async def _client(url: str, phase: Phase) -> None:
+async def _client(url: str, phase: Phase, offset: float) -> None:
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     async with httpx.AsyncClient(base_url=url, timeout=10.0, limits=limits) as http:
         try:  # open the keep-alive connection before the clock starts
@@ -93,7 +97,7 @@ async def _client(url: str, phase: Phase) -> None:
             phase.errors[f"warm-up {type(exc).__name__}"] += 1
         await phase.gate.wait()
         interval = 1.0 / phase.rate if phase.rate > 0 else 0.0
-        scheduled = time.perf_counter()
+        scheduled = phase.start + offset * interval - interval  # staggered: clients are not in lockstep
         while True:
             if interval:
                 scheduled += interval
@@ -120,7 +124,7 @@ async def _client(url: str, phase: Phase) -> None:
                 phase.latencies_s.append(elapsed)
 
 
-async def _raw_client(url: str, phase: Phase) -> None:
+async def _raw_client(url: str, phase: Phase, offset: float) -> None:
     """The same loop over a bare asyncio stream speaking minimal HTTP/1.1 (keep-alive, Content-Length).
 
     httpx costs ~1.2 ms of client CPU per request here, more than the agent itself, so on 2 cores an
@@ -151,7 +155,7 @@ async def _raw_client(url: str, phase: Phase) -> None:
             phase.errors[f"warm-up {type(exc).__name__}"] += 1
         await phase.gate.wait()
         interval = 1.0 / phase.rate if phase.rate > 0 else 0.0
-        scheduled = time.perf_counter()
+        scheduled = phase.start + offset * interval - interval  # staggered: clients are not in lockstep
         while True:
             if interval:
                 scheduled += interval
@@ -187,9 +191,9 @@ CLIENTS = {"raw": _raw_client, "httpx": _client}
 
 async def run_phase(url: str, phase: Phase, clients: int, seconds: float, kind: str = "raw") -> Phase:
     """``clients`` concurrent clients for ``seconds`` (or ``phase.max_requests`` requests in total)."""
-    tasks = [asyncio.create_task(CLIENTS[kind](url, phase)) for _ in range(clients)]
+    tasks = [asyncio.create_task(CLIENTS[kind](url, phase, i / clients)) for i in range(clients)]
     await asyncio.sleep(0.5)  # every client opens its connection and sends one untimed request
-    start = time.perf_counter()
+    start = phase.start = time.perf_counter()
     phase.stop_at = start + seconds
     phase.gate.set()
     await asyncio.gather(*tasks)
@@ -199,11 +203,16 @@ async def run_phase(url: str, phase: Phase, clients: int, seconds: float, kind: 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 s per mode instead of 20 s")
+    parser.add_argument("--quick", action="store_true", help="3 s per phase instead of 20 s")
     parser.add_argument("--clients", type=int, default=50, help="concurrent clients (default 50)")
-    parser.add_argument("--seconds", type=float, help="seconds per mode (default 20, quick 3)")
-    parser.add_argument("--max-requests", type=int, help="bound on requests per mode (default 500000, quick 50000)")
-    parser.add_argument("--rate", type=float, default=0.0, help="requests/s per client; 0 = closed loop (default)")
+    parser.add_argument("--seconds", type=float, help="seconds per phase (default 20, quick 3)")
+    parser.add_argument("--max-requests", type=int, help="bound on requests per phase (default 500000, quick 50000)")
+    parser.add_argument(
+        "--paced-rate",
+        type=float,
+        default=20.0,
+        help="requests/s per client of the paced (open-loop) phases; 0 skips them (default 20)",
+    )
     parser.add_argument(
         "--client",
         choices=sorted(CLIENTS),
@@ -216,66 +225,89 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="agent_load", help="results file stem")
     args = parser.parse_args(argv)
-    if args.clients < 1:
-        parser.error("--clients must be >= 1")
+    if args.clients < 1 or args.paced_rate < 0:
+        parser.error("--clients must be >= 1 and --paced-rate >= 0")
     args.seconds = args.seconds or (3.0 if args.quick else 20.0)
     args.max_requests = args.max_requests or (50_000 if args.quick else 500_000)
     return args
 
 
+def run_async(coro):  # noqa: ANN001, ANN201 - a coroutine and its result
+    """Run the load generator on uvloop when installed (less client CPU on a 2-core machine)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(f"machine: {machine_summary()}", file=sys.stderr)
+    loops = {"closed": 0.0} | ({"paced": args.paced_rate} if args.paced_rate > 0 else {})
+    phases: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="agent_load_") as tmp:
-        db = Path(tmp) / "agent.db"
-        with agent_process(db, log_level=args.agent_log_level) as url:
+        with agent_process(Path(tmp) / "agent.db", log_level=args.agent_log_level) as agent:
             t0 = time.perf_counter()
-            with AgentClient(url, cache_dir=Path(tmp) / "cache") as client:
+            with AgentClient(agent.url, cache_dir=Path(tmp) / "cache") as client:
                 doc = client.request_lut(args.space, args.backend, budget=FAST_BUDGET, poll_s=0.2)
             build_s = time.perf_counter() - t0
-            first = httpx.get(f"{url}/v1/luts/{doc['id']}", timeout=30)
+            first = httpx.get(f"{agent.url}/v1/luts/{doc['id']}", timeout=30)
             first.raise_for_status()
             etag = first.headers.get("etag")
             if not etag:
                 raise RuntimeError("the agent sent no ETag with the LUT document")
             print(
-                f"agent {url}: LUT {doc['id']} with {len(doc['entries'])} entries, {len(first.content)} bytes, "
-                f"built in {build_s:.1f} s",
+                f"agent {agent.url}: LUT {doc['id']} with {len(doc['entries'])} entries, "
+                f"{len(first.content)} bytes, built in {build_s:.1f} s",
                 file=sys.stderr,
             )
-            modes = {}
-            for mode, tag in (("full", None), ("etag", etag)):
-                phase = Phase(
-                    path=f"/v1/luts/{doc['id']}",
-                    headers={"If-None-Match": tag} if tag else {},
-                    expect_status=304 if tag else 200,
-                    expect_body=b"" if tag else first.content,
-                    max_requests=args.max_requests,
-                    rate=args.rate,
-                )
-                print(f"mode {mode}: {args.clients} clients for {args.seconds:g} s ...", file=sys.stderr)
-                modes[mode] = asyncio.run(run_phase(url, phase, args.clients, args.seconds, args.client)).summary()
+            for loop, rate in loops.items():
+                for mode, tag in (("full", None), ("etag", etag)):
+                    phase = Phase(
+                        path=f"/v1/luts/{doc['id']}",
+                        headers={"If-None-Match": tag} if tag else {},
+                        expect_status=304 if tag else 200,
+                        expect_body=b"" if tag else first.content,
+                        max_requests=args.max_requests,
+                        rate=rate,
+                    )
+                    pace = f"{rate:g} req/s each" if rate else "closed loop"
+                    print(f"{loop}/{mode}: {args.clients} clients, {pace}, {args.seconds:g} s ...", file=sys.stderr)
+                    cpu0 = agent.cpu_seconds()
+                    summary = run_async(run_phase(agent.url, phase, args.clients, args.seconds, args.client)).summary()
+                    agent_cpu = agent.cpu_seconds() - cpu0
+                    summary["agent_cpu_share"] = round(agent_cpu / summary["seconds"], 3)
+                    summary["agent_cpu_ms_per_request"] = round(1e3 * agent_cpu / max(summary["requests"], 1), 4)
+                    phases[f"{loop}/{mode}"] = summary
 
-    # Headline: the worse of the two modes on each measure (errors summed).
+    # Headline: the closed loop (the strict reading: 50 clients as fast as the agent answers), worse of
+    # the two modes on each measure, errors summed over every phase.
+    closed = [phases["closed/full"], phases["closed/etag"]]
     headline = {
-        "rps": min(m["rps"] for m in modes.values()),
-        "p50_ms": max(m["p50_ms"] for m in modes.values()),
-        "p99_ms": max(m["p99_ms"] for m in modes.values()),
-        "errors": sum(m["errors"] for m in modes.values()),
+        "rps": min(m["rps"] for m in closed),
+        "p50_ms": max(m["p50_ms"] for m in closed),
+        "p99_ms": max(m["p99_ms"] for m in closed),
+        "errors": sum(m["errors"] for m in phases.values()),
     }
     met = headline["p99_ms"] <= TARGET_P99_MS and headline["errors"] == 0
+    paced_p99 = max((m["p99_ms"] for k, m in phases.items() if k.startswith("paced")), default=None)
     data = {
         **headline,
-        "headline": "worst of the modes per measure (lowest rps, highest p50/p99), errors summed",
-        "target": {"p99_ms": TARGET_P99_MS, "errors": 0, "met": met},
-        "modes": modes,
+        "headline": "closed loop, worst of full/etag per measure (lowest rps, highest p50/p99); errors of all phases",
+        "target": {
+            "p99_ms": TARGET_P99_MS,
+            "errors": 0,
+            "met": met,
+            "met_paced": None if paced_p99 is None else paced_p99 <= TARGET_P99_MS and headline["errors"] == 0,
+        },
+        "modes": phases,
         "settings": {
             "clients": args.clients,
-            "seconds_per_mode": args.seconds,
-            "max_requests_per_mode": args.max_requests,
-            "rate_per_client": args.rate,
+            "seconds_per_phase": args.seconds,
+            "max_requests_per_phase": args.max_requests,
+            "paced_rate_per_client": args.paced_rate,
             "client": args.client,
-            "loop": "open (paced)" if args.rate > 0 else "closed (next request when the previous returns)",
             "space": args.space,
             "backend": args.backend,
             "entries": len(doc["entries"]),
@@ -286,14 +318,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_results(args.name, data, args.results_dir, quick=args.quick)
 
+    headers = ["phase", "requests", "errors", "rps", "p50 ms", "p90 ms", "p99 ms", "max ms", "agent CPU ms/req"]
     rows = [
-        [mode, m["requests"], m["errors"], m["rps"], m["p50_ms"], m["p90_ms"], m["p99_ms"], m["max_ms"]]
-        for mode, m in modes.items()
+        [name, m["requests"], m["errors"], m["rps"], m["p50_ms"], m["p90_ms"], m["p99_ms"], m["max_ms"]]
+        + [m["agent_cpu_ms_per_request"]]
+        for name, m in phases.items()
     ]
-    print(f"{args.clients} clients, {args.seconds:g} s per mode, LUT of {len(doc['entries'])} entries")
-    print(format_table(["mode", "requests", "errors", "rps", "p50 ms", "p90 ms", "p99 ms", "max ms"], rows))
+    print(
+        f"{args.clients} clients ({args.client}), {args.seconds:g} s per phase, LUT of {len(doc['entries'])} entries "
+        f"({len(first.content)} bytes); paced = {args.paced_rate:g} req/s per client"
+    )
+    print(format_table(headers, rows))
     verdict = "MET" if met else "NOT MET"
-    print(f"target p99 <= {TARGET_P99_MS:g} ms and 0 errors: {verdict} (p99 {headline['p99_ms']:.2f} ms)")
+    print(f"target p99 <= {TARGET_P99_MS:g} ms and 0 errors (closed loop): {verdict} (p99 {headline['p99_ms']:.2f} ms)")
+    if paced_p99 is not None:
+        print(f"paced phases: p99 {paced_p99:.2f} ms ({'MET' if data['target']['met_paced'] else 'NOT MET'})")
     print(f"results: {path}")
     return 0
 

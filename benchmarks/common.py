@@ -393,6 +393,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class AgentHandle:
+    """A running agent subprocess: its base URL, process id (for CPU accounting) and log file."""
+
+    url: str
+    pid: int
+    log_path: Path
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the agent process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def agent_process(
     db_path: str | Path,
@@ -401,8 +415,8 @@ def agent_process(
     log_path: str | Path | None = None,
     start_timeout_s: float = 60.0,
     log_level: str = "warning",
-) -> Iterator[str]:
-    """Run ``effpose lut serve`` on 127.0.0.1 with a SQLite file as a subprocess; yield its base URL.
+) -> Iterator[AgentHandle]:
+    """Run ``effpose lut serve`` on 127.0.0.1 with a SQLite file as a subprocess; yield its handle.
 
     The agent is a separate process, as in production, so the load generator or the benchmark's own
     timing never shares its interpreter. Its output goes to ``log_path`` (or a temp file) and the tail
@@ -434,7 +448,7 @@ def agent_process(
                         f"agent did not answer on {url} within {start_timeout_s:.0f} s:\n{_tail(log_file)}"
                     )
                 time.sleep(0.2)
-            yield url
+            yield AgentHandle(url, proc.pid, log_file)
         finally:
             proc.terminate()
             try:

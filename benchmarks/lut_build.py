@@ -50,8 +50,8 @@ def build_one(backend: str, spaces: list[str], batch: int, threads: int, workdir
     workdir.mkdir(parents=True, exist_ok=True)
     per_space = {}
     entries: list[dict] = []
-    with agent_process(workdir / "agent.db") as url:
-        with AgentClient(url, cache_dir=workdir / "cache") as client:
+    with agent_process(workdir / "agent.db") as agent:
+        with AgentClient(agent.url, cache_dir=workdir / "cache") as client:
             start = time.perf_counter()
             for space in spaces:
                 t0 = time.perf_counter()
