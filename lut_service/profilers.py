@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -194,7 +195,12 @@ class OrtRunner(Runner):
             _preload_cuda_dlls()
         module = module.eval()
         batch, channels, h, w = input_shape
-        path = Path(tempfile.mkstemp(suffix=".onnx", dir=workdir)[1])
+        # Export (untimed) on one torch thread: a torch thread pool that waits on a busy core makes the
+        # TorchScript exporter many times slower on a loaded machine.
+        torch.set_num_threads(1)
+        fd, name = tempfile.mkstemp(suffix=".onnx", dir=workdir)
+        os.close(fd)
+        path = Path(name)
         try:
             export_onnx(module, path, (h, w), batch, channels=channels)
             providers = (
@@ -206,8 +212,10 @@ class OrtRunner(Runner):
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise RuntimeError("onnxruntime could not load its CUDA execution provider (check CUDA/cuDNN libraries)")
         x = _random_input(input_shape)
-        with torch.inference_mode():
-            out_shape = list(module(x).shape)
+        out_shape = self.session.get_outputs()[0].shape  # static: exported at this exact shape
+        if not all(isinstance(d, int) for d in out_shape):
+            with torch.inference_mode():
+                out_shape = list(module(x).shape)
         self.device = device
         self.now = _timer(clock)
         self.binding = self.session.io_binding()
