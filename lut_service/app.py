@@ -11,6 +11,7 @@ from fastapi import FastAPI
 import lut_service
 from lut_service import crud
 from lut_service.db import init_db, make_engine, session_scope
+from lut_service.fastpath import CachedLutMiddleware
 from lut_service.fingerprint import device_id, fingerprint
 from lut_service.routes import router
 from lut_service.settings import Settings
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.add_middleware(CachedLutMiddleware)  # complete LUT documents answered before routing
     return app
 
 

@@ -80,7 +80,8 @@ def plan_entries(
 
 
 def largest_activation(space: SearchSpace, input_hw: tuple[int, int], batch: int, head_widths: tuple[int, ...]) -> int:
-    """Elements of the largest tensor a profiled module would hold (expanded MBConv hidden at e6, head)."""
+    """Elements of the largest activation a profiled module would hold (expanded MBConv hidden at e6, the
+    head), checked against a limit before anything is allocated."""
     from pose.space import EXPANSIONS, make_divisible
 
     stem_elems = 32 * conv_out(input_hw[0], 2) * conv_out(input_hw[1], 2)
@@ -94,3 +95,14 @@ def largest_activation(space: SearchSpace, input_hw: tuple[int, int], batch: int
         biggest = max(biggest, c * h * w * 6, width * h * w * 4)  # mbv2 head expands by 6 before upsampling
         h, w, c = h * 2, w * 2, width
     return batch * biggest
+
+
+def largest_weight(space: SearchSpace) -> int:
+    """Weight elements of the biggest candidate op (1x1 expand + project at e6): grows with channels only."""
+    from pose.space import EXPANSIONS, make_divisible
+
+    biggest = 0
+    for layer in space.layers((64, 64)):
+        hidden = make_divisible(layer.c_in * max(EXPANSIONS))
+        biggest = max(biggest, (layer.c_in + layer.c_out) * hidden + hidden * 49)
+    return biggest

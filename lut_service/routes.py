@@ -16,11 +16,11 @@ import lut_service
 from lut_service import crud
 from lut_service.db import session_scope
 from lut_service.models import Job, Lut
-from lut_service.plan import largest_activation, lut_keys
+from lut_service.plan import largest_activation, largest_weight, lut_keys
 from lut_service.profilers import BACKENDS, clock_name, unavailable_reason
 from lut_service.schemas import DeviceInfo, ErrorMessage, Health, JobStatus, LutAccepted, LutDocument, LutRequest
 from lut_service.settings import Settings
-from pose.space import SPACES, SearchSpace, get_space
+from pose.space import SPACES, SearchSpace, SpaceSpec, get_space
 
 router = APIRouter(prefix="/v1")
 
@@ -45,14 +45,12 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def _resolve_space(space: str | dict[str, Any]) -> SearchSpace:
-    if isinstance(space, str):
-        # Names only: a string is never read as a path on the agent's machine.
-        if space not in SPACES:
-            raise HTTPException(
-                422, f"unknown search space {space!r}: expected one of {', '.join(SPACES)} or an inline space object"
-            )
-        return SPACES[space]
+def _resolve_space(space: str | SpaceSpec) -> SearchSpace:
+    """A space name or an inline ``SpaceSpec`` (already validated); never a path on the agent's machine."""
+    if isinstance(space, str) and space not in SPACES:
+        raise HTTPException(
+            422, f"unknown search space {space!r}: expected one of {', '.join(SPACES)} or an inline space"
+        )
     try:
         return get_space(space)
     except ValueError as exc:
@@ -85,6 +83,13 @@ def normalize(body: LutRequest, settings: Settings) -> tuple[dict[str, Any], Sea
             422,
             f"request needs a tensor of {elements} elements, above the limit of {settings.max_tensor_elements} "
             "(reduce batch, input size or channels)",
+        )
+    weights = largest_weight(space)
+    if weights > settings.max_weight_elements:
+        raise HTTPException(
+            422,
+            f"the widest candidate op needs {weights} weights, above the limit of {settings.max_weight_elements} "
+            "(reduce channels)",
         )
     normalized = {
         "space": space.to_spec().model_dump(mode="json"),

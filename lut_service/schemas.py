@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from pose.space import SpaceSpec
 
 Backend = Literal["torch-cpu", "torch-cuda", "onnxruntime-cpu", "onnxruntime-cuda"]
 JobState = Literal["queued", "running", "done", "failed"]
@@ -24,19 +26,24 @@ class BudgetOverrides(BaseModel):
     min_sample_ms: float | None = Field(None, ge=0, le=1000)
 
 
+Side = Annotated[int, Field(ge=8)]
+Width = Annotated[int, Field(ge=1, le=4096)]
+
+
 class LutRequest(BaseModel):
-    """``space`` is ``small``, ``large`` or an inline space ``{"stem_channels", "stages": [[C, stride, n], ...]}``."""
+    """``space`` is ``small``, ``large`` or an inline space ``{"stem_channels", "stages": [[C, stride, n], ...]}``
+    (validated by ``pose.space``, the one definition of a space)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    space: str | dict[str, Any]
+    space: Literal["small", "large"] | SpaceSpec
     backend: Backend
     batch: int = Field(1, ge=1)
     threads: int = Field(1, ge=1, le=1024)
     dtype: Literal["float32"] = "float32"
-    input: tuple[int, int] = Field((256, 256), description="input image [height, width]")
+    input: tuple[Side, Side] = Field((256, 256), description="input image [height, width]")
     joints: int = Field(16, ge=1, le=1024)
-    head_widths: list[int] = Field(default_factory=lambda: [64, 32], min_length=1, max_length=8)
+    head_widths: list[Width] = Field(default_factory=lambda: [64, 32], min_length=1, max_length=8)
     head_style: Literal["plain", "mbv1", "mbv2"] = "plain"
     sic: bool = True
     budget: BudgetOverrides | None = None

@@ -61,6 +61,7 @@ class Settings:
     max_input_side: int = 2048
     max_keys: int = 4096
     max_tensor_elements: int = 1 << 28  # largest activation (batch x C x H x W) a request may need
+    max_weight_elements: int = 1 << 24  # largest op weights (the published spaces need < 1M)
     poll_interval_s: float = 1.0  # how often the idle worker looks at the jobs table
     clock: str = "auto"  # "auto": thread CPU time on 1-thread CPU backends, else wall; "wall": always wall
 
@@ -80,6 +81,7 @@ class Settings:
             ("max_input_side", "EFFPOSE_MAX_INPUT_SIDE"),
             ("max_keys", "EFFPOSE_MAX_KEYS"),
             ("max_tensor_elements", "EFFPOSE_MAX_TENSOR_ELEMENTS"),
+            ("max_weight_elements", "EFFPOSE_MAX_WEIGHT_ELEMENTS"),
         ):
             if env.get(var):
                 values[name] = int(env[var])
