@@ -220,12 +220,17 @@ def train(
     progress: bool = True,
     log=None,
     until_epoch: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train ``arch`` on ``data`` into ``out``; returns a summary (best metric, epochs, paths, skipped images).
 
     ``until_epoch`` stops this invocation after that epoch while the schedule still follows ``epochs``
     (training in stages; ``resume=True`` continues).
     """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
     start_time = time.time()
     deadline = start_time + max_minutes * 60 if max_minutes else None
     rank, world, dev = _setup_distributed(device)
@@ -266,6 +271,9 @@ def train(
     per_rank_batch = max(1, recipe.batch_size // world)
     loader = make_loader(train_set, per_rank_batch, sampler=sampler, workers=workers, seed=seed, drop_last=False)
     iters_per_epoch = len(loader)
+    if recipe.warmup_iters > iters_per_epoch * recipe.epochs // 10:
+        # a warm-up longer than a tenth of a (short) run would leave it at a tiny lr throughout
+        recipe.warmup_iters = iters_per_epoch * recipe.epochs // 10
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, iters_per_epoch, recipe))
 
     start_epoch, best, best_epoch, history = 0, None, None, []
@@ -418,6 +426,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     parser.add_argument("--flip-test", action="store_true", help="use the flip test in the per-epoch evaluation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
 
 
@@ -441,6 +450,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         flip_test=args.flip_test,
         device=args.device,
+        threads=args.threads,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         if args.json:
