@@ -206,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="3 s per phase instead of 20 s")
     parser.add_argument("--clients", type=int, default=50, help="concurrent clients (default 50)")
     parser.add_argument("--seconds", type=float, help="seconds per phase (default 20, quick 3)")
-    parser.add_argument("--max-requests", type=int, help="bound on requests per phase (default 500000, quick 50000)")
+    parser.add_argument("--max-requests", type=int, help="bound on requests per phase (default 1000000, quick 150000)")
     parser.add_argument(
         "--paced-rate",
         type=float,
@@ -228,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.clients < 1 or args.paced_rate < 0:
         parser.error("--clients must be >= 1 and --paced-rate >= 0")
     args.seconds = args.seconds or (3.0 if args.quick else 20.0)
-    args.max_requests = args.max_requests or (50_000 if args.quick else 500_000)
+    args.max_requests = args.max_requests or (150_000 if args.quick else 1_000_000)
     return args
 
 
