@@ -48,7 +48,7 @@ class SearchConfig:
     space: str | dict = "small"
     data: str = "synthetic:64"
     costs: list[str] = field(default_factory=lambda: ["flops"])
-    lambdas: list[float] = field(default_factory=lambda: [0.1])
+    lambdas: list[float] = field(default_factory=lambda: [0.02])
     taus: list[float] = field(default_factory=lambda: [10.0])
     mode: str = "mixed"
     warmup_epochs: int = 2
