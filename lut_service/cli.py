@@ -1,4 +1,4 @@
-"""``effpose lut serve|build|show`` (registered by effpose.cli)."""
+"""``effpose lut serve|build|show|validate`` (registered by effpose.cli)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,48 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from lut_service.client import AgentClient
+    from lut_service.lut import LutTable, fidelity, random_archs
+    from pose.space import ArchSpec
+
+    if args.samples < 2:
+        raise ValueError(f"--samples must be at least 2, got {args.samples}")
+    space = _space_arg(args.space)
+    options = {"batch": args.batch, "threads": args.threads, "input_hw": args.input, "joints": args.joints}
+    with AgentClient(args.agent, retries=args.retries) as client:
+        doc = client.request_lut(space, args.backend, progress=not args.quiet, **options)
+        archs = random_archs(space, args.samples, args.seed)
+        result = client.measure_networks(space, archs, args.backend, progress=not args.quiet, **options)
+    table = LutTable.from_document(doc)
+    predicted = [table.predict(ArchSpec(space=space, ops=ops)) for ops in archs]
+    measured = [lat["median_ms"] for lat in result["latencies"]]
+    stats = fidelity(predicted, measured)
+    report = {
+        "backend": args.backend,
+        "threads": args.threads,
+        "batch": args.batch,
+        "space": args.space,
+        "samples": len(archs),
+        **stats,
+        "clock": result["clock"],
+        "lut_id": doc["id"],
+        "archs": [
+            {"ops": ops, "predicted_ms": round(p, 4), "measured_ms": round(m, 4)}
+            for ops, p, m in zip(archs, predicted, measured, strict=True)
+        ],
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"LUT {doc['id']} ({args.backend}, batch {args.batch}, {args.threads} thread(s), clock {result['clock']})")
+    print(f"  {len(archs)} random {args.space} architectures, measured end to end on the agent (interleaved)")
+    print(f"  within +-5%: {stats['within_5pct']:.0%}   within +-10%: {stats['within_10pct']:.0%}")
+    print(f"  MAPE {stats['mape']:.2%}   bias {stats['bias']:+.2%}")
+    print(f"  Kendall tau {stats['kendall_tau']:.3f}   Spearman {stats['spearman']:.3f}")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``lut`` and its subcommands to the ``effpose`` parser."""
     from lut_service.profilers import BACKENDS
@@ -107,6 +149,23 @@ def register(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.add_argument("--json", action="store_true", help="print one JSON object")
     build.set_defaults(func=_build)
+
+    validate = sub.add_parser(
+        "validate", help="compare LUT predictions with whole-network latency measured by the agent"
+    )
+    validate.add_argument("--agent", required=True, help="agent URL, e.g. http://127.0.0.1:8000")
+    validate.add_argument("--space", required=True, help="small, large or a search-space JSON file")
+    validate.add_argument("--backend", required=True, choices=BACKENDS)
+    validate.add_argument("--samples", type=int, default=50, help="random architectures (default 50)")
+    validate.add_argument("--batch", type=int, default=1)
+    validate.add_argument("--threads", type=int, default=1)
+    validate.add_argument("--input", type=parse_hw, default=(256, 256), help="HxW (default 256x256)")
+    validate.add_argument("--joints", type=int, default=16)
+    validate.add_argument("--seed", type=int, default=0)
+    validate.add_argument("--retries", type=int, default=3)
+    validate.add_argument("--quiet", action="store_true", help="no progress bar")
+    validate.add_argument("--json", action="store_true", help="print one JSON object")
+    validate.set_defaults(func=_validate)
 
     show = sub.add_parser("show", help="summarize a LUT file: entries per stage, slowest ops, spread")
     show.add_argument("file")

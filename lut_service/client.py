@@ -158,7 +158,7 @@ class AgentClient:
     ) -> dict[str, Any]:
         """Poll a job until it is done; AgentError when it failed (with its errors) or timed out."""
         start = time.monotonic()
-        bar = tqdm(total=None, desc="profiling", unit="entry", file=sys.stderr, disable=not progress)
+        bar = tqdm(total=None, desc="agent job", unit="step", file=sys.stderr, disable=not progress)
         try:
             while True:
                 job = self.job(job_id)
@@ -178,6 +178,41 @@ class AgentClient:
                 time.sleep(poll_s)
         finally:
             bar.close()
+
+    def measure_networks(
+        self,
+        space: str | dict[str, Any],
+        archs: list[list[str]],
+        backend: str,
+        batch: int = 1,
+        threads: int = 1,
+        input_hw: tuple[int, int] = (256, 256),
+        joints: int = 16,
+        head_widths: tuple[int, ...] = (64, 32),
+        head_style: str = "plain",
+        sic: bool = True,
+        budget: dict[str, Any] | None = None,
+        progress: bool = True,
+        poll_s: float = 0.5,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Whole-network latencies measured on the agent's device: ``{"clock", "latencies": [...]}``."""
+        body: dict[str, Any] = {
+            "space": space,
+            "archs": archs,
+            "backend": backend,
+            "batch": batch,
+            "threads": threads,
+            "input": list(input_hw),
+            "joints": joints,
+            "head_widths": list(head_widths),
+            "head_style": head_style,
+            "sic": sic,
+        }
+        if budget:
+            body["budget"] = budget
+        job_id = self._request("POST", "/v1/networks", ok=(202,), json=body).json()["job_id"]
+        return self.wait(job_id, progress=progress, poll_s=poll_s, timeout_s=timeout_s)["result"]
 
     # -- LUT fetch with the on-disk ETag cache --------------------------------------------------------
     def _cache_path(self, lut_id: str) -> Path:

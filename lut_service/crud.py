@@ -193,6 +193,23 @@ def create_job(session: Session, lut: Lut, done: int, budget: dict[str, Any]) ->
     return job
 
 
+def create_networks_job(session: Session, payload: dict[str, Any], budget: dict[str, Any]) -> Job:
+    job = Job(
+        id=uuid.uuid4().hex,
+        kind="networks",
+        lut_id=None,
+        state="queued",
+        done=0,
+        total=len(payload["archs"]) + 1,
+        errors=[],
+        budget=budget,
+        payload=payload,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
 def next_job(session: Session) -> Job | None:
     """Oldest unfinished job (a job left ``running`` by a stopped agent is resumed first)."""
     return session.scalar(

@@ -170,3 +170,33 @@ def summarize(doc: dict[str, Any], slowest: int = 10) -> dict[str, Any]:
             "max": max(e["samples"] for e in doc["entries"]),
         },
     }
+
+
+def random_archs(space: str | dict[str, Any], count: int, seed: int = 0) -> list[list[str]]:
+    """``count`` random legal op lists of ``space`` (uniform over each layer's legal ops), reproducible."""
+    import random
+
+    rng = random.Random(seed)
+    layers = get_space(space).layers()
+    return [[rng.choice(layer.legal_ops()) for layer in layers] for _ in range(count)]
+
+
+def fidelity(predicted: list[float], measured: list[float]) -> dict[str, float]:
+    """How well LUT sums predict measured latency: shares within +-5/10 % (fractions), MAPE, mean signed
+    error (bias, a fraction), Kendall tau and Spearman rho of the two rankings."""
+    import numpy as np
+    from scipy import stats
+
+    pred = np.asarray(predicted, dtype=np.float64)
+    meas = np.asarray(measured, dtype=np.float64)
+    rel = pred / meas - 1.0
+    tau = stats.kendalltau(pred, meas).statistic if len(pred) > 1 else float("nan")
+    rho = stats.spearmanr(pred, meas).statistic if len(pred) > 1 else float("nan")
+    return {
+        "within_5pct": float(np.mean(np.abs(rel) <= 0.05)),
+        "within_10pct": float(np.mean(np.abs(rel) <= 0.10)),
+        "mape": float(np.mean(np.abs(rel))),
+        "bias": float(np.mean(rel)),
+        "kendall_tau": float(tau),
+        "spearman": float(rho),
+    }

@@ -76,7 +76,8 @@ class Lut(Base):
 
 
 class Job(Base):
-    """Work for the single profiling worker; at most one active (queued/running) job per LUT."""
+    """Work for the single profiling worker: build a LUT (at most one active job per LUT), or time whole
+    networks (``kind="networks"``, for validating a LUT against end-to-end latency)."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -90,11 +91,14 @@ class Job(Base):
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    lut_id: Mapped[str] = mapped_column(ForeignKey("luts.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="lut")  # "lut" or "networks"
+    lut_id: Mapped[str | None] = mapped_column(ForeignKey("luts.id"), index=True, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     done: Mapped[int] = mapped_column(Integer, default=0)
     total: Mapped[int] = mapped_column(Integer, default=0)
     errors: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
     budget: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # a networks job's request
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # a networks job's latencies
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -18,9 +19,19 @@ from lut_service.db import session_scope
 from lut_service.models import Job, Lut
 from lut_service.plan import largest_activation, largest_weight, lut_keys
 from lut_service.profilers import BACKENDS, clock_name, unavailable_reason
-from lut_service.schemas import DeviceInfo, ErrorMessage, Health, JobStatus, LutAccepted, LutDocument, LutRequest
+from lut_service.schemas import (
+    DeviceInfo,
+    ErrorMessage,
+    Health,
+    JobAccepted,
+    JobStatus,
+    LutAccepted,
+    LutDocument,
+    LutRequest,
+    NetworksRequest,
+)
 from lut_service.settings import Settings
-from pose.space import SPACES, SearchSpace, SpaceSpec, get_space
+from pose.space import SPACES, ArchSpec, SearchSpace, SpaceSpec, get_space
 
 router = APIRouter(prefix="/v1")
 
@@ -57,7 +68,7 @@ def _resolve_space(space: str | SpaceSpec) -> SearchSpace:
         raise HTTPException(422, str(exc)) from None
 
 
-def normalize(body: LutRequest, settings: Settings) -> tuple[dict[str, Any], SearchSpace, list[str]]:
+def normalize(body: LutRequest | NetworksRequest, settings: Settings) -> tuple[dict[str, Any], SearchSpace, list[str]]:
     """Check a request against this device and the limits; return its canonical form, space and keys."""
     space = _resolve_space(body.space)
     reason = unavailable_reason(body.backend)
@@ -179,12 +190,48 @@ def request_lut(body: LutRequest, request: Request, session: SessionDep) -> Resp
     )
 
 
+@router.post("/networks", status_code=202, response_model=JobAccepted, responses=ERRORS)
+def measure_networks(body: NetworksRequest, request: Request, session: SessionDep) -> JSONResponse:
+    """Queue an end-to-end timing of whole networks (interleaved, same harness and clock as the LUT entries).
+
+    The result (one latency per arch, in order) appears on ``GET /v1/jobs/{id}`` when the job is done.
+    """
+    state = request.app.state
+    normalized, _, _ = normalize(body, state.settings)
+    for i, ops in enumerate(body.archs):
+        try:
+            ArchSpec(
+                space=normalized["space"],
+                ops=ops,
+                head_widths=tuple(body.head_widths),
+                head_style=body.head_style,
+                sic=body.sic,
+            )
+        except ValidationError as exc:
+            messages = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+            raise HTTPException(422, f"archs[{i}]: {messages}") from None
+    budget = body.budget.model_dump(exclude_none=True) if body.budget else {}
+    job = crud.create_networks_job(session, {**normalized, "archs": body.archs}, budget)
+    session.commit()
+    state.worker.wake()
+    return JSONResponse({"job_id": job.id}, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
 @router.get("/jobs/{job_id}", response_model=JobStatus, responses={404: {"model": ErrorMessage}})
 def get_job(job_id: str, session: SessionDep) -> JobStatus:
     job = session.get(Job, job_id)
     if job is None:
         raise HTTPException(404, f"unknown job {job_id!r}")
-    return JobStatus(id=job.id, lut_id=job.lut_id, state=job.state, done=job.done, total=job.total, errors=job.errors)
+    return JobStatus(
+        id=job.id,
+        kind=job.kind,
+        lut_id=job.lut_id,
+        state=job.state,
+        done=job.done,
+        total=job.total,
+        errors=job.errors,
+        result=job.result,
+    )
 
 
 def _load_document(request: Request, lut_id: str) -> tuple[bytes, str]:

@@ -59,13 +59,51 @@ class JobError(BaseModel):
     error: str
 
 
+class NetworkLatency(BaseModel):
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    iqr_ms: float
+    samples: int
+
+
+class NetworkResult(BaseModel):
+    clock: str
+    latencies: list[NetworkLatency]
+
+
 class JobStatus(BaseModel):
     id: str
-    lut_id: str
+    kind: Literal["lut", "networks"] = "lut"
+    lut_id: str | None
     state: JobState
     done: int
     total: int
     errors: list[JobError]
+    result: NetworkResult | None = None
+
+
+class NetworksRequest(BaseModel):
+    """Time whole networks end to end on this device (interleaved), with the harness the LUT entries use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    space: Literal["small", "large"] | SpaceSpec
+    archs: list[list[str]] = Field(min_length=1, max_length=500, description="one op list per network")
+    backend: Backend
+    batch: int = Field(1, ge=1)
+    threads: int = Field(1, ge=1, le=1024)
+    dtype: Literal["float32"] = "float32"
+    input: tuple[Side, Side] = (256, 256)
+    joints: int = Field(16, ge=1, le=1024)
+    head_widths: list[Width] = Field(default_factory=lambda: [64, 32], min_length=1, max_length=8)
+    head_style: Literal["plain", "mbv1", "mbv2"] = "plain"
+    sic: bool = True
+    budget: BudgetOverrides | None = None
+
+
+class JobAccepted(BaseModel):
+    job_id: str
 
 
 class LutEntry(BaseModel):

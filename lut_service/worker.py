@@ -7,9 +7,11 @@ as soon as it is measured, so an agent stopped or killed mid-job resumes from th
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +22,9 @@ from lut_service import crud
 from lut_service.db import session_scope
 from lut_service.models import Job, Lut
 from lut_service.plan import PlannedEntry, plan_entries
-from lut_service.profilers import Timing, make_runner, measure, overhead_probe
+from lut_service.profilers import Timing, make_runner, measure, overhead_probe, summarize
 from lut_service.settings import Budget
-from pose.space import get_space
+from pose.space import ArchSpec, get_space
 
 log = logging.getLogger("lut_service.worker")
 
@@ -98,6 +100,16 @@ class Worker:
         with session_scope(self.factory) as session:
             job = session.get(Job, job_id)
             assert job is not None
+            kind = job.kind
+        if kind == "networks":
+            self.run_networks_job(job_id)
+        else:
+            self.run_lut_job(job_id)
+
+    def run_lut_job(self, job_id: str) -> None:
+        with session_scope(self.factory) as session:
+            job = session.get(Job, job_id)
+            assert job is not None
             lut = session.get(Lut, job.lut_id)
             assert lut is not None
             request = dict(lut.request)
@@ -168,3 +180,100 @@ class Worker:
         finally:
             self.current_job = None
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def run_networks_job(self, job_id: str) -> None:
+        """Time whole networks round-robin, so drifting machine load hits every network alike."""
+        with session_scope(self.factory) as session:
+            job = session.get(Job, job_id)
+            payload = dict(job.payload or {})
+            job.state, job.errors, job.done, job.result = "running", [], 0, None
+            budget = self.budget.merged(job.budget)
+        self.current_job = job_id
+        workdir = Path(tempfile.mkdtemp(prefix="effpose-net-"))
+        runners: list = []
+        try:
+            try:
+                runners = self._prepare_networks(job_id, payload, workdir)
+                if runners is None:
+                    return  # stopping: the job is resumed (from scratch) at the next start
+                samples = interleaved_samples([r.run for r in runners], budget, self._stop.is_set)
+            except Exception as exc:
+                log.warning("networks job %s failed: %s", job_id, traceback.format_exc(limit=3))
+                with session_scope(self.factory) as session:
+                    job = session.get(Job, job_id)
+                    job.errors = [{"key": "networks", "error": f"{type(exc).__name__}: {exc}"}]
+                    job.state = "failed"
+                return
+            if samples is None:
+                return
+            latencies = [vars(summarize(values)) for values in samples]
+            with session_scope(self.factory) as session:
+                job = session.get(Job, job_id)
+                job.result = {"clock": payload["clock"], "latencies": latencies}
+                job.done = job.total
+                job.state = "done"
+        finally:
+            for runner in runners or []:
+                runner.close()
+            self.current_job = None
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _prepare_networks(self, job_id: str, payload: dict, workdir: Path) -> list | None:
+        from pose.models import PoseNet
+
+        batch, threads = payload["batch"], payload["threads"]
+        shape = (batch, 3, *payload["input"])
+        runners = []
+        for i, ops in enumerate(payload["archs"]):
+            if self._stop.is_set():
+                for runner in runners:
+                    runner.close()
+                return None
+            arch = ArchSpec(
+                space=payload["space"],
+                ops=ops,
+                head_widths=tuple(payload["head_widths"]),
+                head_style=payload["head_style"],
+                sic=payload["sic"],
+            )
+            model = PoseNet(arch, payload["joints"])
+            runners.append(make_runner(payload["backend"], model, shape, threads, workdir, payload["clock"]))
+            with session_scope(self.factory) as session:
+                session.get(Job, job_id).done = i + 1
+        return runners
+
+
+def interleaved_samples(
+    runs: list[Callable[[int], float]], budget: Budget, should_stop: Callable[[], bool] | None = None
+) -> list[list[float]] | None:
+    """Round-robin timing of several callables (alternating direction each round) until every one has
+    ``min_samples`` and IQR/median under target, ``max_samples`` rounds, or the time cap
+    (``max_seconds`` per callable) is reached. None when stopped."""
+    for run in runs:  # warm-up, and the back-to-back calls per sample as in ``measure``
+        for _ in range(max(1, budget.warmup_runs)):
+            run(1)
+    calls = []
+    for run in runs:
+        per_call = min(run(1) for _ in range(2))
+        calls.append(max(1, min(10_000, math.ceil(budget.min_sample_ms / per_call))) if per_call > 0 else 1)
+    samples: list[list[float]] = [[] for _ in runs]
+    order = list(range(len(runs)))
+    cap = budget.max_seconds * len(runs) * 4
+    start = time.perf_counter()
+    rounds = 0
+    while True:
+        for i in order:
+            samples[i].append(runs[i](calls[i]))
+        order.reverse()
+        rounds += 1
+        if should_stop is not None and should_stop():
+            return None
+        if rounds >= budget.max_samples:
+            break
+        if rounds < budget.min_samples:
+            continue
+        if time.perf_counter() - start >= cap:
+            break
+        if all(summarize(values).rel_iqr < budget.target_rel_iqr for values in samples):
+            break
+    return samples

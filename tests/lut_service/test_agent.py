@@ -18,6 +18,7 @@ from pose.models import PRESETS
 from pose.space import SMALL, fixed_keys, space_keys
 
 TINY_SPACE = {"name": "tiny", "stem_channels": 8, "stages": [[16, 2, 1]]}
+TINY2 = {"name": "tiny2", "stem_channels": 8, "stages": [[16, 2, 2]]}
 
 
 def measurement_rows(db_path) -> list[tuple]:
@@ -229,3 +230,26 @@ def test_document_is_canonical_json(agent, small_luts):
     body = httpx.get(f"{agent.url}/v1/luts/{lut_id}").content
     assert json.loads(body) == small_luts["onnxruntime-cpu"]
     assert httpx.get(f"{agent.url}/v1/luts/{lut_id}").content == body
+
+
+def test_measure_networks_end_to_end(agent):
+    archs = [["k3e3", "skip"], ["k7e6", "k5e3"]]
+    with AgentClient(agent.url) as client:
+        result = client.measure_networks(TINY2, archs, "onnxruntime-cpu", input_hw=(64, 64), progress=False)
+    assert result["clock"] == "thread-cpu" and len(result["latencies"]) == 2
+    assert all(lat["median_ms"] > 0 and lat["samples"] >= 3 for lat in result["latencies"])
+
+
+@pytest.mark.parametrize(
+    ("archs", "message"),
+    [
+        ([["k3e3"]], "archs[0]: space 'tiny2' has 2 searchable layers, arch lists 1 ops"),
+        ([["k3e3", "k3e3"], ["skip", "k3e3"]], "archs[1]: layer 0 (stage 1): skip is not allowed"),
+        ([["k9e9", "k3e3"]], "unknown op 'k9e9'"),
+        ([], "archs"),
+    ],
+)
+def test_measure_networks_rejects_bad_archs(agent, archs, message):
+    body = {"space": TINY2, "archs": archs, "backend": "torch-cpu", "input": [64, 64]}
+    response = httpx.post(f"{agent.url}/v1/networks", json=body)
+    assert response.status_code == 422 and message in response.text, response.text

@@ -50,3 +50,19 @@ def test_build_errors_are_clear(agent, tmp_path):
     assert bad.returncode == 2 and "nosuch" in bad.stderr
     missing = effpose("lut", "show", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and "none.json" in missing.stderr
+
+
+def test_validate_reports_fidelity(agent, tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"name": "tiny2", "stem_channels": 8, "stages": [[16, 2, 2]]}))
+    result = effpose(
+        "lut", "validate", "--agent", agent.url, "--space", str(space), "--backend", "onnxruntime-cpu",
+        "--input", "64x64", "--samples", "4", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["samples"] == 4 and len(report["archs"]) == 4
+    for name in ("within_5pct", "within_10pct", "mape", "bias", "kendall_tau", "spearman"):
+        assert name in report
+    assert 0 <= report["within_5pct"] <= report["within_10pct"] <= 1
+    assert all(a["predicted_ms"] > 0 and a["measured_ms"] > 0 for a in report["archs"])
