@@ -103,6 +103,7 @@ def train_one_epoch(
     device: str | torch.device = "cpu",
     epoch: int = 0,
     deadline: float | None = None,
+    clock=time.time,
     progress: bool = True,
 ) -> dict[str, Any]:
     """One pass over ``loader`` (batches from ``pose.data.collate``); ``scheduler`` steps per iteration.
@@ -133,7 +134,7 @@ def train_one_epoch(
         samples += len(images)
         iters += 1
         bar.set_postfix(loss=f"{float(loss.detach()):.6f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if deadline is not None and _stop_everywhere(time.time() >= deadline):
+        if deadline is not None and _stop_everywhere(clock() >= deadline):
             stopped = True
             break
     return {"loss": total / max(1, samples), "samples": samples, "skipped": skipped, "iters": iters, "stopped": stopped}
@@ -212,8 +213,9 @@ def train(
     resume: bool = False,
     seed: int = 0,
     max_minutes: float | None = None,
+    max_cpu_minutes: float | None = None,
     on_bad_image: str = "fail",
-    color_order: str = "RGB",
+    color_order: str | None = None,
     eval_every: int = 1,
     flip_test: bool = False,
     device: str = "auto",
@@ -221,6 +223,7 @@ def train(
     log=None,
     until_epoch: int | None = None,
     threads: int | None = None,
+    splits: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, Any]:
     """Train ``arch`` on ``data`` into ``out``; returns a summary (best metric, epochs, paths, skipped images).
 
@@ -231,8 +234,13 @@ def train(
         if threads < 1:
             raise ValueError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    start_time = time.time()
-    deadline = start_time + max_minutes * 60 if max_minutes else None
+    start_time, start_cpu = time.time(), time.process_time()
+    if max_minutes and max_cpu_minutes:
+        raise ValueError("give either a wall-clock (--max-minutes) or a CPU-time (--max-cpu-minutes) budget, not both")
+    # the CPU-time budget counts this process's CPU seconds, so a run on a shared machine is not cut short
+    clock = time.process_time if max_cpu_minutes else time.time
+    budget = max_cpu_minutes or max_minutes
+    deadline = clock() + budget * 60 if budget else None
     rank, world, dev = _setup_distributed(device)
     is_main = rank == 0
     progress = progress and is_main
@@ -245,7 +253,7 @@ def train(
     last_path, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
     if last_path.exists() and not resume:
         raise ValueError(f"{out} already holds a training run ({last_path}); pass --resume or choose another --out")
-    resolve_arch(arch)  # fails early on an unknown name
+    resolved = resolve_arch(arch)  # fails early on an unknown name
     spec = parse_spec(data, seed=0)
     recipe = recipe_for(spec, epochs)
     if batch_size is not None:
@@ -257,7 +265,11 @@ def train(
         spec.resolve()  # generate synthetic data once, before other ranks look for it
     if world > 1:
         dist.barrier()
-    train_set, val_set = build_datasets(spec, input_hw, color_order=color_order, on_bad_image=on_bad_image, seed=seed)
+    if color_order is None:  # an arch spec may name the channel order its weights expect
+        color_order = getattr(resolved, "color_order", None) or "RGB"
+    train_set, val_set = build_datasets(
+        spec, input_hw, color_order=color_order, on_bad_image=on_bad_image, seed=seed, splits=splits
+    )
     joints = train_set.num_joints
 
     _seed_all(seed)
@@ -321,6 +333,7 @@ def train(
             device=dev,
             epoch=epoch,
             deadline=deadline,
+            clock=clock,
             progress=progress,
         )
         stopped = stats["stopped"]
@@ -399,6 +412,7 @@ def train(
         "skipped_images": total_skipped,
         "stopped_by_time_budget": stopped,
         "seconds": round(time.time() - start_time, 1),
+        "cpu_seconds": round(time.process_time() - start_cpu, 1),
         "world_size": world,
     }
 
@@ -419,10 +433,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, sample order and augmentation")
     parser.add_argument("--max-minutes", type=float, help="stop (evaluate and save) once this much time has passed")
+    parser.add_argument("--max-cpu-minutes", type=float, help="the same budget in CPU time of this process")
     parser.add_argument(
         "--on-bad-image", choices=("fail", "skip"), default="fail", help="unreadable images: stop, or skip and count"
     )
-    parser.add_argument("--color-order", choices=("RGB", "BGR"), default="RGB", help="channel order fed to the model")
+    parser.add_argument("--color-order", choices=("RGB", "BGR"), help="channel order fed to the model (default RGB)")
+    parser.add_argument("--train-split", help="training split folder (default train2017 / train)")
+    parser.add_argument("--val-split", help="validation split folder (default val2017 / valid)")
     parser.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     parser.add_argument("--flip-test", action="store_true", help="use the flip test in the per-epoch evaluation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -445,12 +462,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         seed=args.seed,
         max_minutes=args.max_minutes,
+        max_cpu_minutes=args.max_cpu_minutes,
         on_bad_image=args.on_bad_image,
         color_order=args.color_order,
         eval_every=args.eval_every,
         flip_test=args.flip_test,
         device=args.device,
         threads=args.threads,
+        splits=(args.train_split, args.val_split),
     )
     if int(os.environ.get("RANK", "0")) == 0:
         if args.json:

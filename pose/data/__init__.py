@@ -115,11 +115,21 @@ def build_datasets(
     on_bad_image: str = "fail",
     seed: int = 0,
     augment: bool = True,
+    splits: tuple[str | None, str | None] = (None, None),
 ) -> tuple[PoseDataset, PoseDataset]:
-    """(train, val) datasets: training with augmentation, validation without."""
+    """(train, val) datasets: training with augmentation, validation without; ``splits`` renames the
+    layout's split folders (default train2017/val2017 for COCO, train/valid for MPII)."""
     data = parse_spec(spec) if isinstance(spec, str) else spec
     train = build_dataset(
-        data, "train", input_hw, train=augment, color_order=color_order, on_bad_image=on_bad_image, seed=seed
+        data,
+        splits[0] or "train",
+        input_hw,
+        train=augment,
+        color_order=color_order,
+        on_bad_image=on_bad_image,
+        seed=seed,
     )
-    val = build_dataset(data, "val", input_hw, color_order=color_order, on_bad_image=on_bad_image, seed=seed)
+    val = build_dataset(
+        data, splits[1] or "val", input_hw, color_order=color_order, on_bad_image=on_bad_image, seed=seed
+    )
     return train, val

@@ -104,6 +104,8 @@ def test_cli_train_json_and_time_budget(coco_root, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["stopped_by_time_budget"] and summary["epochs_run"] == 1
     assert load_checkpoint(tmp_path / "t" / "last.pt")["epoch"] == 1
+    cpu = train("mobilenetv2", f"coco:{coco_root}", tmp_path / "c", epochs=50, max_cpu_minutes=1e-4, **TINY)
+    assert cpu["stopped_by_time_budget"] and cpu["epochs_run"] == 1
     assert main(["train", "nonet", "--data", f"coco:{coco_root}", "--out", str(tmp_path / "x")]) == 2
     assert "unknown architecture" in capsys.readouterr().err
 
