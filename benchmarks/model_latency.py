@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="batch size (the paper's GPU numbers use 32)")
     parser.add_argument("--input", default="256x256", help="input HxW (default 256x256)")
     parser.add_argument("--joints", type=int, default=16, help="heatmap channels (16 = MPII)")
-    parser.add_argument("--repeats", type=int, help="timing rounds (default 40 full, 5 quick)")
+    parser.add_argument("--repeats", type=int, help="timing rounds (default 60 full, 5 quick)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 5 full, 1 quick)")
     parser.add_argument("--max-seconds", type=float, help="bound on the timed phase (default 600 full, 25 quick)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in MODEL_NAMES]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(MODEL_NAMES)}")
-    args.repeats = args.repeats or (5 if args.quick else 40)
+    args.repeats = args.repeats or (5 if args.quick else 60)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     args.max_seconds = args.max_seconds or (25.0 if args.quick else 600.0)
     if args.name is None:
