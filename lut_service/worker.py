@@ -90,10 +90,21 @@ class Worker:
                     self._wake.wait(self.poll_interval_s)
                     self._wake.clear()
                     continue
-                self.run_job(job_id)
-            except Exception:  # keep the worker alive whatever one job does; the job records its error
+                try:
+                    self.run_job(job_id)
+                except Exception as exc:  # a job that cannot even start fails once, not forever
+                    log.exception("job %s failed", job_id)
+                    self._fail(job_id, exc)
+            except Exception:  # keep the worker alive whatever happens (e.g. the database is locked)
                 log.exception("profiling worker error")
                 self._stop.wait(self.poll_interval_s)
+
+    def _fail(self, job_id: str, exc: Exception) -> None:
+        with session_scope(self.factory) as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                job.errors = [*job.errors, {"key": "job", "error": f"{type(exc).__name__}: {exc}"}]
+                job.state = "failed"
 
     # -- one job --------------------------------------------------------------------------------
     def run_job(self, job_id: str) -> None:
