@@ -183,7 +183,8 @@ def load_search_checkpoint(path: Path) -> dict[str, Any]:
 def _check_same_config(stored: dict[str, Any], cfg: SearchConfig, path: Path) -> None:
     current = json.loads(json.dumps(cfg.to_json()))
     stored = json.loads(json.dumps(stored))
-    diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    free = {"workers"}  # settings that cannot change the result may differ on resume
+    diff = sorted(k for k in (set(stored) | set(current)) - free if stored.get(k) != current.get(k))
     if diff:
         details = ", ".join(f"{k}: checkpoint {stored.get(k)!r} vs now {current.get(k)!r}" for k in diff)
         raise ValueError(f"--resume: {path} was written by a search with other settings ({details})")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +63,29 @@ def agent(tmp_path_factory):
     log.close()
 
 
+def _failing_server(port: int) -> http.server.ThreadingHTTPServer:
+    """A real HTTP server on the agent's address that answers 500 to everything (a broken agent)."""
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def _fail(self) -> None:
+            body = b'{"detail": "internal error"}'
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _fail
+
+        def log_message(self, *args) -> None:
+            pass
+
+    http.server.ThreadingHTTPServer.allow_reuse_address = True
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def _search(
     tmp_path: Path, out: str, cache: Path, *costs: str, lambdas=("0.1",), space_file: Path
 ) -> subprocess.CompletedProcess:
@@ -97,9 +122,20 @@ def test_search_with_a_live_agent_then_cached_table_then_clear_error(tmp_path, a
     predicted = LutTable.from_document(doc).predict(arch, (64, 64), summary["joints"], 1)
     assert summary["predicted_cost"]["lut:torch-cpu"]["value"] == pytest.approx(predicted, rel=1e-9)
 
-    # agent gone: after the client's retries the search uses the cached table of this request, with a warning
+    # agent failing (every request answers 500) on the same address: retries, then the cached table
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
+    port = int(url.rsplit(":", 1)[1])
+    server = _failing_server(port)
+    try:
+        result = _search(tmp_path, "failing", cache, agent_cost, space_file=space_file)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stderr
+    assert "answered 500" in result.stderr and "using the last cached LUT" in result.stderr
+
+    # agent gone: after the client's retries the search uses the cached table of this request, with a warning
     result = _search(tmp_path, "cached", cache, agent_cost, space_file=space_file)
     assert result.returncode == 0, result.stderr
     assert "unreachable" in result.stderr and "using the last cached LUT" in result.stderr
