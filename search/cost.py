@@ -160,9 +160,12 @@ def lut_table(
     costs = _lut_costs(doc, source)
     missing = [key for key in needed_keys(space, input_hw, batch, head) if key not in costs]
     if missing:
+        hint = ""
+        if "joints" in doc and int(doc["joints"]) != head.joints:
+            hint = f" (the LUT was built for {doc['joints']} joints, the data has {head.joints})"
         raise ValueError(
             f"LUT {source} lacks {len(missing)} key(s) needed by space {space.name!r} at input "
-            f"{input_hw[0]}x{input_hw[1]}, batch {batch}, {head.joints} joints:\n  " + "\n  ".join(missing)
+            f"{input_hw[0]}x{input_hw[1]}, batch {batch}, {head.joints} joints{hint}:\n  " + "\n  ".join(missing)
         )
     layers = space.layers(input_hw)
     table = torch.zeros(len(layers), len(CANDIDATE_OPS), dtype=torch.float64)
