@@ -7,6 +7,7 @@ import json
 import sys
 
 from pose.space import parse_hw
+from search import demo
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -76,6 +77,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=cmd_search)
+    demo.register(commands)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
