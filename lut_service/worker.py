@@ -257,7 +257,9 @@ class Worker:
 def interleaved_samples(
     runs: list[Callable[[int], float]], budget: Budget, should_stop: Callable[[], bool] | None = None
 ) -> list[list[float]] | None:
-    """Round-robin timing of several callables (alternating direction each round) until every one has
+    """Round-robin timing of several callables (alternating direction each round; each sample follows one
+    untimed call, so it measures the warm steady state of back-to-back inference, as the LUT entries do,
+    not the cold caches another network left behind) until every one has
     ``min_samples`` and IQR/median under target, ``max_samples`` rounds, or the time cap
     (``max_seconds`` per callable) is reached. None when stopped."""
     for run in runs:  # warm-up, and the back-to-back calls per sample as in ``measure``
@@ -274,6 +276,7 @@ def interleaved_samples(
     rounds = 0
     while True:
         for i in order:
+            runs[i](1)  # untimed: the previous network evicted this one's weights; time the steady state
             samples[i].append(runs[i](calls[i]))
         order.reverse()
         rounds += 1
