@@ -427,7 +427,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="global batch size (default 32; coco 128)")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     parser.add_argument(
-        "--input", type=parse_hw, help="input HxW (default coco 256x192, mpii 256x256, synthetic 128x96)"
+        "--input",
+        type=parse_hw,
+        help="input HxW (default coco 256x192, mpii 256x256, synthetic 128x96, synthetic-mpii 128x128)",
     )
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
