@@ -1,4 +1,4 @@
-"""End to end against a real agent process through the real client (see conftest.Agent)."""
+"""End to end against a real agent process through the real client (conftest: lut_service.local.LocalAgent)."""
 
 from __future__ import annotations
 

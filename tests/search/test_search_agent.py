@@ -5,17 +5,14 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from lut_service.local import LocalAgent
 from lut_service.lut import LutTable
 from pose.space import ArchSpec
 
@@ -30,37 +27,12 @@ FAST_BUDGET = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
     root = tmp_path_factory.mktemp("agent")
-    port = _free_port()
-    env = {**os.environ, **FAST_BUDGET}
-    env.pop("EFFPOSE_TOKEN", None)
-    cmd = [sys.executable, "-m", "effpose.cli", "lut", "serve", "--port", str(port), "--db", f"sqlite:///{root}/a.db"]
-    log = open(root / "agent.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"agent did not start:\n{(root / 'agent.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    yield url, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    log.close()
+    # EFFPOSE_TOKEN="" : an outer token must not turn authentication on for this agent
+    with LocalAgent(root / "a.db", root / "agent.log", env={**FAST_BUDGET, "EFFPOSE_TOKEN": ""}) as running:
+        yield running
 
 
 def _failing_server(port: int) -> http.server.ThreadingHTTPServer:
@@ -102,7 +74,7 @@ def _search(
 
 
 def test_search_with_a_live_agent_then_cached_table_then_clear_error(tmp_path, agent, tiny_space):
-    url, proc = agent
+    url = agent.url
     space_file = tmp_path / "tiny.json"
     space_file.write_text(json.dumps(tiny_space))
     cache = tmp_path / "cache"
@@ -123,8 +95,7 @@ def test_search_with_a_live_agent_then_cached_table_then_clear_error(tmp_path, a
     assert summary["predicted_cost"]["lut:torch-cpu"]["value"] == pytest.approx(predicted, rel=1e-9)
 
     # agent failing (every request answers 500) on the same address: retries, then the cached table
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    agent.kill()
     port = int(url.rsplit(":", 1)[1])
     server = _failing_server(port)
     try:
