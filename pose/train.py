@@ -452,7 +452,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise ValueError("--workers must be >= 0")
-    summary = train(
+    try:
+        summary = _train_from_args(args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            best = "n/a" if summary["best"] is None else f"{summary['best']:.2f}"
+            print(
+                f"done: {summary['epochs_run']} epochs, best {summary['metric']} {best} "
+                f"(epoch {summary['best_epoch']}), "
+                f"{summary['skipped_images']} unreadable images skipped; wrote {summary['out']}/last.pt, best.pt, "
+                "metrics.jsonl, training.png"
+            )
+    return 0
+
+
+def _train_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return train(
         args.arch,
         args.data,
         args.out,
@@ -473,18 +493,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         splits=(args.train_split, args.val_split),
     )
-    if int(os.environ.get("RANK", "0")) == 0:
-        if args.json:
-            print(json.dumps(summary))
-        else:
-            best = "n/a" if summary["best"] is None else f"{summary['best']:.2f}"
-            print(
-                f"done: {summary['epochs_run']} epochs, best {summary['metric']} {best} "
-                f"(epoch {summary['best_epoch']}), "
-                f"{summary['skipped_images']} unreadable images skipped; wrote {summary['out']}/last.pt, best.pt, "
-                "metrics.jsonl, training.png"
-            )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,6 +107,18 @@ def test_eval_checkpoint_cli(setup, capsys):
     assert main(["eval", "--data", f"coco:{root}"]) == 2
     assert "CHECKPOINT" in capsys.readouterr().err
 
+    gt = json.loads((root / "annotations" / "person_keypoints_val2017.json").read_text())
+    dets = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
+    (tmp / "dets.json").write_text(json.dumps(dets))
+    assert (
+        main(["eval", str(tmp / "model.pt"), "--data", f"coco:{root}", "--boxes", str(tmp / "dets.json"), "--json"])
+        == 0
+    )
+    assert "AP" in json.loads(capsys.readouterr().out)
+    (tmp / "dets.json").write_text(json.dumps([{"image_id": 999, "bbox": [0, 0, 5, 5], "score": 1}]))
+    assert main(["eval", str(tmp / "model.pt"), "--data", f"coco:{root}", "--boxes", str(tmp / "dets.json")]) == 2
+    assert "image_id 999" in capsys.readouterr().err
+
 
 def test_confidence_colours():
     assert confidence_colour(0.0) == (0, 0, 255)  # red (BGR)
