@@ -13,6 +13,7 @@ from lut_service import crud
 from lut_service.db import init_db, make_engine, session_scope
 from lut_service.fastpath import CachedLutMiddleware
 from lut_service.fingerprint import device_id, fingerprint
+from lut_service.guard import GuardMiddleware
 from lut_service.routes import router
 from lut_service.settings import Settings
 from lut_service.worker import Worker
@@ -50,6 +51,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(router)
     app.add_middleware(CachedLutMiddleware)  # complete LUT documents answered before routing
+    # Added last, so outermost: auth and the body limit come before the fast path and any parsing.
+    app.add_middleware(
+        GuardMiddleware,
+        token=settings.token,
+        protect_reads=settings.protect_reads,
+        max_body_bytes=settings.max_body_bytes,
+    )
     return app
 
 

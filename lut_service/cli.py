@@ -19,6 +19,12 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(db_url=args.db, host=args.host, port=args.port)
     if settings.db_url.startswith("sqlite"):
         print(f"effpose lut serve: database {settings.db_url}", file=sys.stderr)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.token:
+        print(
+            f"effpose lut serve: warning: listening on {settings.host} without EFFPOSE_TOKEN: "
+            "anyone who can reach this port can queue profiling jobs",
+            file=sys.stderr,
+        )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
 

@@ -170,8 +170,10 @@ class AgentClient:
                     return job
                 if job["state"] == "failed":
                     errors = "; ".join(f"{e['key']}: {e['error']}" for e in job["errors"][:3])
+                    stored = f"; {job['done']} of {job['total']} stored, request again to retry the rest"
                     raise AgentError(
-                        f"agent at {self.base_url}: job {job_id} failed ({len(job['errors'])} entries): {errors}"
+                        f"agent at {self.base_url}: job {job_id} failed ({len(job['errors'])} errors"
+                        f"{stored if job.get('partial') else ''}): {errors}"
                     )
                 if timeout_s is not None and time.monotonic() - start > timeout_s:
                     raise AgentError(f"agent at {self.base_url}: job {job_id} not done after {timeout_s:.0f} s")

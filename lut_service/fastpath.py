@@ -5,8 +5,8 @@ keeps its bytes and ETag in ``app.state.documents`` after the first read. Answer
 before FastAPI's routing, validation and exception layers, cuts the agent's CPU per request about
 4x (benchmarks/agent_load.py, 50 clients: ~0.14 -> ~0.035 ms). Everything else -- a miss, an
 unknown or incomplete LUT, any other method or path -- goes through the normal FastAPI route, which
-stays the one documented in the OpenAPI schema and fills the cache. If reads ever need auth, check
-it here too.
+stays the one documented in the OpenAPI schema and fills the cache. Authentication (including
+protected reads) is enforced by ``guard.GuardMiddleware``, which wraps this middleware.
 """
 
 from __future__ import annotations

@@ -35,8 +35,18 @@ from pose.space import SPACES, ArchSpec, SearchSpace, SpaceSpec, get_space
 
 router = APIRouter(prefix="/v1")
 
+# Answers of guard.GuardMiddleware (before routing), declared so the OpenAPI schema lists every status.
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorMessage,
+        "description": "EFFPOSE_TOKEN is set and 'Authorization: Bearer <token>' is missing or wrong "
+        "(reads only with EFFPOSE_PROTECT_READS=1)",
+    }
+}
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorMessage, "description": "the backend is not available on this device"},
+    400: {"model": ErrorMessage, "description": "the backend is not available here, or a bad Content-Length"},
+    **UNAUTHORIZED,
+    413: {"model": ErrorMessage, "description": "the request body exceeds max_body_bytes (EFFPOSE_MAX_BODY_BYTES)"},
     422: {"description": "invalid request (the message names the field or the limit)"},
 }
 
@@ -71,19 +81,43 @@ def _resolve_space(space: str | SpaceSpec) -> SearchSpace:
 def normalize(body: LutRequest | NetworksRequest, settings: Settings) -> tuple[dict[str, Any], SearchSpace, list[str]]:
     """Check a request against this device and the limits; return its canonical form, space and keys."""
     space = _resolve_space(body.space)
-    reason = unavailable_reason(body.backend)
-    if reason is not None:
-        raise HTTPException(400, reason)
+    # Cheap bounds first, all before anything is built or allocated; each message names its setting.
     height, width = body.input
     if min(height, width) < 8 or max(height, width) > settings.max_input_side:
         raise HTTPException(
             422,
-            f"input {height}x{width} out of range: each side must be 8 up to the limit of {settings.max_input_side}",
+            f"input {height}x{width} out of range: each side must be 8 up to the limit of {settings.max_input_side} "
+            "(max_input_side, EFFPOSE_MAX_INPUT_SIDE)",
         )
     if body.batch > settings.max_batch:
-        raise HTTPException(422, f"batch {body.batch} exceeds the limit of {settings.max_batch}")
-    if any(not 1 <= w <= 4096 for w in body.head_widths):
-        raise HTTPException(422, f"head_widths must be 1..4096 channels each, got {body.head_widths}")
+        raise HTTPException(
+            422, f"batch {body.batch} exceeds the limit of {settings.max_batch} (max_batch, EFFPOSE_MAX_BATCH)"
+        )
+    if space.num_layers > settings.max_layers:
+        raise HTTPException(
+            422,
+            f"space {space.name!r} has {space.num_layers} layers, above the limit of {settings.max_layers} "
+            "(max_layers, EFFPOSE_MAX_LAYERS)",
+        )
+    widths = {"stem_channels": space.stem_channels}
+    widths.update({f"stages[{i}] channels": stage.channels for i, stage in enumerate(space.stages)})
+    widths.update({f"head_widths[{i}]": w for i, w in enumerate(body.head_widths)})
+    for name, channels in widths.items():
+        if not 1 <= channels <= settings.max_channels:
+            raise HTTPException(
+                422,
+                f"{name} = {channels} channels is outside 1..{settings.max_channels} "
+                "(the limit max_channels, EFFPOSE_MAX_CHANNELS)",
+            )
+    if isinstance(body, NetworksRequest) and len(body.archs) > settings.max_networks:
+        raise HTTPException(
+            422,
+            f"{len(body.archs)} archs exceed the limit of {settings.max_networks} networks per request "
+            "(max_networks, EFFPOSE_MAX_NETWORKS)",
+        )
+    reason = unavailable_reason(body.backend)
+    if reason is not None:
+        raise HTTPException(400, reason)
     if body.backend.endswith("-cpu"):
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         if usable and body.threads > usable:
@@ -93,14 +127,14 @@ def normalize(body: LutRequest | NetworksRequest, settings: Settings) -> tuple[d
         raise HTTPException(
             422,
             f"request needs a tensor of {elements} elements, above the limit of {settings.max_tensor_elements} "
-            "(reduce batch, input size or channels)",
+            "(max_tensor_elements, EFFPOSE_MAX_TENSOR_ELEMENTS; reduce batch, input size or channels)",
         )
     weights = largest_weight(space)
     if weights > settings.max_weight_elements:
         raise HTTPException(
             422,
             f"the widest candidate op needs {weights} weights, above the limit of {settings.max_weight_elements} "
-            "(reduce channels)",
+            "(max_weight_elements, EFFPOSE_MAX_WEIGHT_ELEMENTS; reduce channels)",
         )
     normalized = {
         "space": space.to_spec().model_dump(mode="json"),
@@ -117,7 +151,11 @@ def normalize(body: LutRequest | NetworksRequest, settings: Settings) -> tuple[d
     }
     keys = lut_keys(space, (height, width), body.batch, body.joints, tuple(body.head_widths), body.head_style, body.sic)
     if len(keys) > settings.max_keys:
-        raise HTTPException(422, f"the space has {len(keys)} unique keys, above the limit of {settings.max_keys}")
+        raise HTTPException(
+            422,
+            f"the space has {len(keys)} unique keys, above the limit of {settings.max_keys} "
+            "(max_keys, EFFPOSE_MAX_KEYS)",
+        )
     return normalized, space, keys
 
 
@@ -140,7 +178,7 @@ def health(request: Request) -> Health:
     return Health(version=lut_service.__version__, worker_alive=request.app.state.worker.alive)
 
 
-@router.get("/device", response_model=DeviceInfo)
+@router.get("/device", response_model=DeviceInfo, responses=UNAUTHORIZED)
 def device(request: Request) -> DeviceInfo:
     unavailable = {b: r for b in BACKENDS if (r := unavailable_reason(b)) is not None}
     return DeviceInfo(
@@ -155,7 +193,11 @@ def device(request: Request) -> DeviceInfo:
     "/luts",
     status_code=202,
     response_model=LutAccepted,
-    responses={**ERRORS, 200: {"model": LutDocument, "description": "every entry is already stored"}},
+    responses={
+        **ERRORS,
+        200: {"model": LutDocument, "description": "every entry is already stored"},
+        409: {"model": ErrorMessage, "description": "a conflicting concurrent request; retry"},
+    },
 )
 def request_lut(body: LutRequest, request: Request, session: SessionDep) -> Response:
     """Queue the profiling of the missing entries (202 + job), or return the table when it is complete (200)."""
@@ -217,7 +259,7 @@ def measure_networks(body: NetworksRequest, request: Request, session: SessionDe
     return JSONResponse({"job_id": job.id}, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-@router.get("/jobs/{job_id}", response_model=JobStatus, responses={404: {"model": ErrorMessage}})
+@router.get("/jobs/{job_id}", response_model=JobStatus, responses={**UNAUTHORIZED, 404: {"model": ErrorMessage}})
 def get_job(job_id: str, session: SessionDep) -> JobStatus:
     job = session.get(Job, job_id)
     if job is None:
@@ -230,6 +272,7 @@ def get_job(job_id: str, session: SessionDep) -> JobStatus:
         done=job.done,
         total=job.total,
         errors=job.errors,
+        partial=job.state == "failed" and job.kind == "lut" and 0 < job.done < job.total,
         result=job.result,
     )
 
@@ -255,6 +298,7 @@ def _load_document(request: Request, lut_id: str) -> tuple[bytes, str]:
     response_model=LutDocument,
     responses={
         304: {"description": "If-None-Match matched the ETag"},
+        **UNAUTHORIZED,
         404: {"model": ErrorMessage},
         409: {"model": ErrorMessage},
     },

@@ -24,6 +24,7 @@ class BudgetOverrides(BaseModel):
     target_rel_iqr: float | None = Field(None, ge=0, le=1)
     max_seconds: float | None = Field(None, ge=0, le=120)
     min_sample_ms: float | None = Field(None, ge=0, le=1000)
+    timeout_s: float | None = Field(None, gt=0, le=3600, description="wall-clock limit of one entry")
 
 
 Side = Annotated[int, Field(ge=8)]
@@ -73,6 +74,17 @@ class NetworkResult(BaseModel):
 
 
 class JobStatus(BaseModel):
+    """A job's progress and outcome.
+
+    - ``queued``/``running``: ``done`` of ``total`` steps so far (entries stored, or networks built).
+    - ``done``: finished with every entry stored (``errors`` empty); ``GET /v1/luts/{lut_id}`` answers 200.
+    - ``failed``: finished with at least one error. Each failed entry is in ``errors`` as ``{key, error}``
+      (a backend error, out of memory, or a measurement over its ``timeout_s``); the other entries were
+      still measured and are kept, ``done`` counts them. ``partial`` is true when some entries were stored
+      and some failed (a partial failure); a new ``POST /v1/luts`` measures only the missing entries.
+      A job that could not run at all has one error with key ``job`` (``networks`` for a networks job).
+    """
+
     id: str
     kind: Literal["lut", "networks"] = "lut"
     lut_id: str | None
@@ -80,6 +92,7 @@ class JobStatus(BaseModel):
     done: int
     total: int
     errors: list[JobError]
+    partial: bool = Field(False, description="failed, but some entries were measured and stored")
     result: NetworkResult | None = None
 
 

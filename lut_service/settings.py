@@ -27,6 +27,9 @@ class Budget:
     target_rel_iqr: float = 0.03  # stop once IQR / median is below this
     max_seconds: float = 0.25  # per-entry time cap for the timed repeats
     min_sample_ms: float = 0.5  # one sample averages back-to-back calls until it lasts this long
+    # Wall-clock limit of one entry (building, ONNX export, warm-up and samples): an entry over it is
+    # recorded as an error on its job and the job goes on. Checked before every call of the op.
+    timeout_s: float = 120.0
 
     def merged(self, overrides: dict | None) -> Budget:
         """This budget with the non-None fields of ``overrides`` applied."""
@@ -34,6 +37,15 @@ class Budget:
             return self
         names = {f.name for f in fields(self)}
         return replace(self, **{k: v for k, v in overrides.items() if k in names and v is not None})
+
+
+def _flag(raw: str, name: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
 
 
 def _env_budget() -> Budget:
@@ -54,12 +66,17 @@ class Settings:
     db_url: str = field(default_factory=default_db_url)
     host: str = "127.0.0.1"
     port: int = 8000
-    token: str | None = None  # reserved: bearer token for write endpoints (issue 7)
+    token: str | None = None  # bearer token required on every write (any method but GET/HEAD) when set
+    protect_reads: bool = False  # with a token: GETs need it too (except /v1/health, for healthchecks)
     budget: Budget = field(default_factory=Budget)
     # Bounds checked before any tensor is allocated (a request beyond them gets 422 naming the limit).
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are read
     max_batch: int = 256
     max_input_side: int = 2048
     max_keys: int = 4096
+    max_layers: int = 256  # searchable layers of a space (small 28, large 34)
+    max_channels: int = 4096  # stem, stage and head widths
+    max_networks: int = 200  # archs per POST /v1/networks (every one is held in memory at once)
     max_tensor_elements: int = 1 << 28  # largest activation (batch x C x H x W) a request may need
     max_weight_elements: int = 1 << 24  # largest op weights (the published spaces need < 1M)
     poll_interval_s: float = 1.0  # how often the idle worker looks at the jobs table
@@ -73,19 +90,31 @@ class Settings:
             "host": env.get("EFFPOSE_HOST", "127.0.0.1"),
             "port": int(env.get("EFFPOSE_PORT", "8000")),
             "token": env.get("EFFPOSE_TOKEN") or None,
+            "protect_reads": _flag(env.get("EFFPOSE_PROTECT_READS", ""), "EFFPOSE_PROTECT_READS"),
             "budget": _env_budget(),
             "clock": env.get("EFFPOSE_PROFILE_CLOCK", "auto"),
         }
         for name, var in (
+            ("max_body_bytes", "EFFPOSE_MAX_BODY_BYTES"),
             ("max_batch", "EFFPOSE_MAX_BATCH"),
             ("max_input_side", "EFFPOSE_MAX_INPUT_SIDE"),
             ("max_keys", "EFFPOSE_MAX_KEYS"),
             ("max_tensor_elements", "EFFPOSE_MAX_TENSOR_ELEMENTS"),
             ("max_weight_elements", "EFFPOSE_MAX_WEIGHT_ELEMENTS"),
+            ("max_layers", "EFFPOSE_MAX_LAYERS"),
+            ("max_channels", "EFFPOSE_MAX_CHANNELS"),
+            ("max_networks", "EFFPOSE_MAX_NETWORKS"),
         ):
             if env.get(var):
-                values[name] = int(env[var])
+                try:
+                    values[name] = int(env[var])
+                except ValueError:
+                    raise ValueError(f"{var}={env[var]!r} is not an integer") from None
+                if values[name] < 1:
+                    raise ValueError(f"{var}={env[var]!r} must be at least 1")
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["protect_reads"] and not values["token"]:
+            raise ValueError("EFFPOSE_PROTECT_READS=1 needs EFFPOSE_TOKEN: reads cannot be protected without a token")
         if values["clock"] not in ("auto", "wall"):
             raise ValueError(f"EFFPOSE_PROFILE_CLOCK={values['clock']!r}: expected auto or wall")
         return cls(**values)  # type: ignore[arg-type]

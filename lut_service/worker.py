@@ -29,6 +29,23 @@ from pose.space import ArchSpec, get_space
 log = logging.getLogger("lut_service.worker")
 
 
+class MeasurementTimeout(RuntimeError):
+    """One entry (or one networks job) ran past its ``timeout_s``."""
+
+
+def deadline_check(timeout_s: float, what: str = "measurement") -> Callable[[], None]:
+    """A callable that raises ``MeasurementTimeout`` once ``timeout_s`` seconds have passed since now."""
+    deadline = time.monotonic() + timeout_s
+
+    def check() -> None:
+        if time.monotonic() > deadline:
+            raise MeasurementTimeout(
+                f"{what} exceeded its timeout of {timeout_s:g} s (budget timeout_s, EFFPOSE_PROFILE_TIMEOUT_S)"
+            )
+
+    return check
+
+
 def measure_entry(
     entry: PlannedEntry,
     backend: str,
@@ -38,15 +55,27 @@ def measure_entry(
     stop: Callable[[], bool] | None = None,
     clock: str = "auto",
 ) -> Timing:
-    """Build the entry's module from ``pose`` and time it (the overhead entry with the backend's probe)."""
+    """Build the entry's module from ``pose`` and time it (the overhead entry with the backend's probe).
+
+    ``budget.timeout_s`` bounds the whole entry: it is checked after building and exporting and before
+    every call of the op (outside the timed region), so a slow entry stops within one call of its limit.
+    """
+    check = deadline_check(budget.timeout_s)
     if entry.kind == "overhead":
         batch, _, h, w = entry.input_shape
         module, shape = overhead_probe(backend, batch, (h, w))
     else:
         module, shape = entry.build(), entry.input_shape
+    check()
     runner = make_runner(backend, module, shape, threads, workdir, clock)
     try:
-        return measure(runner.run, budget, stop)
+        check()
+
+        def run(calls: int) -> float:
+            check()
+            return runner.run(calls)
+
+        return measure(run, budget, stop)
     finally:
         runner.close()
 
@@ -202,12 +231,14 @@ class Worker:
         self.current_job = job_id
         workdir = Path(tempfile.mkdtemp(prefix="effpose-net-"))
         runners: list = []
+        check = deadline_check(budget.timeout_s * len(payload["archs"]), "networks job")
         try:
             try:
-                runners = self._prepare_networks(job_id, payload, workdir)
+                runners = self._prepare_networks(job_id, payload, workdir, check)
                 if runners is None:
                     return  # stopping: the job is resumed (from scratch) at the next start
-                samples = interleaved_samples([r.run for r in runners], budget, self._stop.is_set)
+                runs = [_checked(r.run, check) for r in runners]
+                samples = interleaved_samples(runs, budget, self._stop.is_set)
             except Exception as exc:
                 log.warning("networks job %s failed: %s", job_id, traceback.format_exc(limit=3))
                 with session_scope(self.factory) as session:
@@ -229,29 +260,46 @@ class Worker:
             self.current_job = None
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _prepare_networks(self, job_id: str, payload: dict, workdir: Path) -> list | None:
+    def _prepare_networks(
+        self, job_id: str, payload: dict, workdir: Path, check: Callable[[], None] | None = None
+    ) -> list | None:
         from pose.models import PoseNet
 
         batch, threads = payload["batch"], payload["threads"]
         shape = (batch, 3, *payload["input"])
         runners = []
-        for i, ops in enumerate(payload["archs"]):
-            if self._stop.is_set():
-                for runner in runners:
-                    runner.close()
-                return None
-            arch = ArchSpec(
-                space=payload["space"],
-                ops=ops,
-                head_widths=tuple(payload["head_widths"]),
-                head_style=payload["head_style"],
-                sic=payload["sic"],
-            )
-            model = PoseNet(arch, payload["joints"])
-            runners.append(make_runner(payload["backend"], model, shape, threads, workdir, payload["clock"]))
-            with session_scope(self.factory) as session:
-                session.get(Job, job_id).done = i + 1
+        try:
+            for i, ops in enumerate(payload["archs"]):
+                if self._stop.is_set():
+                    for runner in runners:
+                        runner.close()
+                    return None
+                arch = ArchSpec(
+                    space=payload["space"],
+                    ops=ops,
+                    head_widths=tuple(payload["head_widths"]),
+                    head_style=payload["head_style"],
+                    sic=payload["sic"],
+                )
+                model = PoseNet(arch, payload["joints"])
+                runners.append(make_runner(payload["backend"], model, shape, threads, workdir, payload["clock"]))
+                if check is not None:
+                    check()
+                with session_scope(self.factory) as session:
+                    session.get(Job, job_id).done = i + 1
+        except BaseException:
+            for runner in runners:  # release the sessions built so far (out of memory, timeout)
+                runner.close()
+            raise
         return runners
+
+
+def _checked(run: Callable[[int], float], check: Callable[[], None]) -> Callable[[int], float]:
+    def checked(calls: int) -> float:
+        check()
+        return run(calls)
+
+    return checked
 
 
 def interleaved_samples(
