@@ -60,6 +60,15 @@ class MpiiGroundTruth:
     joint_names: tuple[str, ...]
 
 
+def _matlab_string(value) -> str:
+    """Unwrap MATLAB cell/char nesting as loadmat returns it (object arrays of 1-element arrays)."""
+    while isinstance(value, np.ndarray):
+        if value.size != 1:
+            return "".join(str(v) for v in value.ravel())
+        value = value.ravel()[0]
+    return str(value)
+
+
 def load_gt_valid(path: str | Path) -> MpiiGroundTruth:
     path = Path(path)
     if not path.is_file():
@@ -73,7 +82,9 @@ def load_gt_valid(path: str | Path) -> MpiiGroundTruth:
             raise ValueError(f"MPII ground-truth file {path} has no '{key}' field")
     names = MPII_MAT_NAMES
     if "dataset_joints" in mat:
-        names = tuple(str(np.squeeze(n)) for n in np.ravel(mat["dataset_joints"]))
+        names = tuple(_matlab_string(n) for n in np.ravel(mat["dataset_joints"]))
+        if sorted(names) != sorted(MPII_MAT_NAMES):
+            raise ValueError(f"MPII ground-truth file {path}: dataset_joints {names} are not the 16 MPII joints")
     pos = np.asarray(mat["pos_gt_src"], dtype=np.float64).reshape(16, 2, -1)
     missing = np.asarray(mat["jnt_missing"]).reshape(16, -1)
     heads = np.asarray(mat["headboxes_src"], dtype=np.float64).reshape(2, 2, -1)
