@@ -142,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.train_minutes = args.train_minutes or (0.1 if q else 2.0)
     args.repeats = args.repeats or (5 if q else 40)
     args.max_seconds = args.max_seconds or (8.0 if q else 180.0)
+    if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
+        parser.error(f"--workdir {args.workdir} is not empty: give a new or empty folder (runs are not resumed)")
     if args.epochs < 1:
         parser.error("--epochs must be >= 1: without architecture epochs the cost term never acts")
     if args.threads < 1 or args.train_minutes <= 0 or args.lam < 0 or args.tau <= 1:
@@ -526,5 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with user-facing errors (a reused --workdir, an agent that fails...) as one line, exit 2."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
