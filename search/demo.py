@@ -58,7 +58,8 @@ def run_demo(
     search_epochs: int = 3,
     warmup_epochs: int = 1,
     train_minutes: float = 2.5,
-    lambda_: float = 0.05,
+    lambda_: float = 0.1,
+    arch_lr: float = 0.03,
     seed: int = 0,
     latency_rounds: int = 40,
 ) -> dict[str, Any]:
@@ -112,6 +113,9 @@ def run_demo(
             input_hw=(128, 128),
             cost_input_hw=LUT_INPUT,
             seed=seed,
+            # A demo search takes a few dozen alpha steps, not the paper's 150 epochs: with Adam at the
+            # paper's 3e-4, alpha would move < 0.01 and argmax would be decided by noise.
+            arch_lr=arch_lr,
         )
         search = run_search(cfg, out / "search", resume=False, progress=True)
         arch = ArchSpec.load(search["arch"])
@@ -253,7 +257,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--images", type=int, default=96, help="synthetic training images (default 96)")
     demo.add_argument("--search-epochs", type=int, default=3, help="alternating search epochs (default 3)")
     demo.add_argument("--train-minutes", type=float, default=2.5, help="training budget in minutes (default 2.5)")
-    demo.add_argument("--lambda", dest="lambda_", type=float, default=0.05, help="cost weight (default 0.05)")
+    demo.add_argument("--lambda", dest="lambda_", type=float, default=0.1, help="cost weight (default 0.1)")
+    demo.add_argument("--arch-lr", type=float, default=0.03, help="Adam learning rate of alpha (default 0.03)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     demo.set_defaults(func=cmd_demo)
@@ -266,6 +271,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         search_epochs=args.search_epochs,
         train_minutes=args.train_minutes,
         lambda_=args.lambda_,
+        arch_lr=args.arch_lr,
         seed=args.seed,
     )
     if args.json:
