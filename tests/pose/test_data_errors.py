@@ -7,22 +7,12 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from effpose.cli import main
 from pose.data import build_dataset, make_loader
 from pose.data.mpii import load_gt_valid
 from pose.data.synthetic import generate_coco, generate_mpii
 from pose.train import train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Shared CI cores: one torch thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

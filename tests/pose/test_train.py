@@ -22,15 +22,6 @@ from pose.train import Recipe, heatmap_loss, lr_factor, recipe_for, train
 TINY = dict(input_hw=(64, 48), batch_size=8, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Shared CI cores: one torch thread avoids oversubscription (several x faster under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     return generate_coco(tmp_path_factory.mktemp("coco"), 12, seed=2, size=128)
