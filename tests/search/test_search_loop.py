@@ -36,13 +36,13 @@ def reference(tmp_path_factory, make_config):
 def test_large_lambda_derives_a_cheaper_network(tmp_path, make_config):
     flops = {}
     for lam in (0.0, 20.0):
-        cfg = make_config(lambdas=[lam], warmup_epochs=0, epochs=3)
+        cfg = make_config(lambdas=[lam], warmup_epochs=0, epochs=2)
         summary = run_search(cfg, tmp_path / f"lam{lam}", progress=False)
         flops[lam] = summary["predicted_cost"]["flops"]["value"]
         arch = ArchSpec.load(summary["arch"])
         assert arch.ops == summary["ops"]
         history = [json.loads(line) for line in (tmp_path / f"lam{lam}" / LOG).read_text().splitlines()]
-        assert [r["epoch"] for r in history] == [1, 2, 3]
+        assert [r["epoch"] for r in history] == [1, 2]
         assert {"expected_cost", "entropy", "val_loss"} <= set(history[-1])
         if lam > 0:  # the expected cost falls once alpha is trained
             assert history[-1]["expected_cost"]["flops"] < history[0]["expected_cost"]["flops"]
