@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lut_service.local import LocalAgent, free_port
-
-__all__ = ["FAST_BUDGET", "free_port", "make_agent"]
+from lut_service.local import LocalAgent, free_port  # noqa: F401 - free_port: test_cli imports it here
 
 # Small timing budget so the suite stays fast; the agent reads it from the environment.
 FAST_BUDGET = {
@@ -28,6 +26,12 @@ FAST_BUDGET = {
 def make_agent(root: Path, env: dict[str, str] | None = None, name: str = "agent") -> LocalAgent:
     """An agent (not started) on ``root/NAME.db`` with the fast budget plus ``env``."""
     return LocalAgent(root / f"{name}.db", root / f"{name}.log", env={**FAST_BUDGET, **(env or {})}, log_level="info")
+
+
+@pytest.fixture(scope="session")
+def agent_factory():
+    """``make_agent`` for tests that need their own agent (a token, limits, crashes)."""
+    return make_agent
 
 
 @pytest.fixture(scope="module")
