@@ -70,6 +70,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-path", type=float, default=0.2, help="drop probability of a candidate in weight steps")
     p.add_argument("--max-batches", type=int, default=None, help="cap on batches per phase and epoch (smoke runs)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); a resumed run reproduces the uninterrupted one "
+        "bit for bit only with the same thread count",
+    )
     p.add_argument("--resume", action="store_true", help="continue the search checkpointed in OUT")
     p.add_argument("--random", type=int, metavar="N", help="random-search baseline: N random architectures")
     p.add_argument("--short-epochs", type=int, default=5, metavar="E", help="epochs per random architecture")
@@ -81,7 +88,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    import torch
+
     from search.loop import SearchConfig, run_random_search, run_search
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     cfg = SearchConfig(
         space=args.space,

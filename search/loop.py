@@ -264,6 +264,12 @@ def run_search(
         if state["split"] != [weight_idx, arch_idx]:
             raise ValueError(f"--resume: the data set behind {cfg.data!r} changed since {ckpt_path} was written")
         print(f"search: resuming {out} after epoch {start}/{total_epochs}", file=sys.stderr)
+        if state.get("threads") not in (None, torch.get_num_threads()):
+            print(
+                f"search: warning: checkpoint written with {state['threads']} torch threads, resuming with "
+                f"{torch.get_num_threads()}: the result may differ in the last bits from an uninterrupted run",
+                file=sys.stderr,
+            )
     write_log(out / LOG, history)
 
     for epoch in range(start, total_epochs):
@@ -357,6 +363,7 @@ def run_search(
                 "costs": serialize_costs(terms),
                 "split": [weight_idx, arch_idx],
                 "joints": joints,
+                "threads": torch.get_num_threads(),
             },
             ckpt_path,
         )
