@@ -88,6 +88,21 @@ class SearchConfig:
             raise ValueError(f"arch_fraction must be in (0, 1), got {self.arch_fraction}")
         if not self.costs:
             raise ValueError("at least one --cost is needed")
+        for what, values in (("lambda", self.lambdas), ("tau", self.taus)):
+            if len(values) not in (1, len(self.costs)):
+                raise ValueError(
+                    f"got {len(self.costs)} --cost but {len(values)} --{what}: give one, or one per --cost"
+                )
+        if any(t <= 1.0 for t in self.taus):
+            raise ValueError(f"--tau must be > 1 (the log base of the cost term), got {self.taus}")
+        if any(lam < 0 for lam in self.lambdas):
+            raise ValueError(f"--lambda must be >= 0, got {self.lambdas}")
+        for cost in self.costs:
+            if cost not in ("flops", "params") and not cost.startswith(("http://", "https://")):
+                if not Path(cost).is_file():
+                    raise ValueError(
+                        f"--cost {cost!r} is not flops, params, an http(s) agent/LUT URL or an existing LUT file"
+                    )
         if any(v % 16 for v in self.input_hw):
             raise ValueError(f"--input must be a multiple of 16 in both sides, got {self.input_hw}")
 

@@ -193,3 +193,22 @@ def test_derived_arch_json_is_accepted_by_model_info_and_train(reference, tmp_pa
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-2000:]
     assert (tmp_path / "train" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cost", "nonsense"], "--cost 'nonsense' is not flops"),
+        (["--cost", "flops", "--cost", "params", "--lambda", "1", "--lambda", "2", "--lambda", "3"], "3 --lambda"),
+        (["--tau", "1"], "--tau must be > 1"),
+        (["--space", "medium"], "unknown search space 'medium'"),
+        (["--data", "nope:x"], "bad data spec 'nope:x'"),
+        (["--input", "60x60"], "multiple of 16"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(tmp_path, args, message):
+    result = subprocess.run(_cli(*args, "--out", str(tmp_path / "o"), "--no-progress"), capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "effpose search: error:" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
