@@ -390,6 +390,44 @@ def test_timeouts_are_recorded_and_the_job_reports_partial_failure(guarded):
     assert len(after) == 9 and all(after[key] == row for key, row in stored.items())
 
 
+def test_out_of_memory_is_recorded_per_entry_and_the_agent_goes_on(tmp_path, agent_factory):
+    """A real out-of-memory: the agent's address space is capped (RLIMIT_AS, set from outside with
+    prlimit) a few hundred MB above what it uses, then asked for 512x512 inputs at batch 16. The large
+    entries fail to allocate and are recorded with their error; the small ones are stored; the job is a
+    partial failure; the agent and its worker stay up, and after a restart it serves the next job."""
+    import resource
+
+    agent = agent_factory(tmp_path).start()
+    try:
+        size_kib = int(
+            next(x for x in Path(f"/proc/{agent.pid}/status").read_text().splitlines() if "VmSize" in x).split()[1]
+        )
+        limit = size_kib * 1024 + 300 * 2**20
+        resource.prlimit(agent.pid, resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+        space = {"name": "oom", "stem_channels": 8, "stages": [[16, 2, 1], [16, 2, 1], [24, 2, 1], [32, 2, 1]]}
+        body = {"space": space, "backend": "torch-cpu", "input": [512, 512], "batch": 16}
+        with AgentClient(agent.url) as client:
+            accepted = client.submit(body).json()
+            with pytest.raises(AgentError, match="failed"):
+                client.wait(accepted["job_id"], progress=False, poll_s=0.2, timeout_s=180)
+            job = client.job(accepted["job_id"])
+            assert job["state"] == "failed" and job["partial"] is True
+            assert job["done"] + len(job["errors"]) == job["total"] == 27
+            assert any("allocate" in e["error"] or "memory" in e["error"].lower() for e in job["errors"])
+            assert len(db_rows(agent.db_path, accepted["lut_id"])) == job["done"]
+            assert client.health()["worker_alive"] is True
+        # After an allocation failure inside oneDNN, torch in that process can keep failing ("could not
+        # create a primitive") even for small ops once memory is back: restart it, as a supervisor would.
+        agent.restart()
+        with AgentClient(agent.url) as client:
+            doc = client.request_lut(TINY, "torch-cpu", input_hw=(64, 64), progress=False, timeout_s=120)
+        assert len(doc["entries"]) == 9
+        assert len(db_rows(agent.db_path, accepted["lut_id"])) == job["done"]  # the partial table is kept
+        check_db(agent.db_path)
+    finally:
+        agent.stop()
+
+
 # -- 4. authentication -------------------------------------------------------------------------------
 def test_every_write_needs_the_token(guarded):
     schema = httpx.get(f"{guarded.url}/openapi.json").json()
