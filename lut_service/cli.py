@@ -88,40 +88,32 @@ def _show(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from lut_service.client import AgentClient
-    from lut_service.lut import LutTable, fidelity, random_archs
-    from pose.space import ArchSpec
+    from lut_service.lut import validate_on_agent
 
     if args.samples < 2:
         raise ValueError(f"--samples must be at least 2, got {args.samples}")
     space = _space_arg(args.space)
-    options = {"batch": args.batch, "threads": args.threads, "input_hw": args.input, "joints": args.joints}
     with AgentClient(args.agent, retries=args.retries) as client:
-        doc = client.request_lut(space, args.backend, progress=not args.quiet, **options)
-        archs = random_archs(space, args.samples, args.seed)
-        result = client.measure_networks(space, archs, args.backend, progress=not args.quiet, **options)
-    table = LutTable.from_document(doc)
-    predicted = [table.predict(ArchSpec(space=space, ops=ops)) for ops in archs]
-    measured = [lat["median_ms"] for lat in result["latencies"]]
-    stats = fidelity(predicted, measured)
-    report = {
-        "backend": args.backend,
-        "threads": args.threads,
-        "batch": args.batch,
-        "space": args.space,
-        "samples": len(archs),
-        **stats,
-        "clock": result["clock"],
-        "lut_id": doc["id"],
-        "archs": [
-            {"ops": ops, "predicted_ms": round(p, 4), "measured_ms": round(m, 4)}
-            for ops, p, m in zip(archs, predicted, measured, strict=True)
-        ],
-    }
+        report = validate_on_agent(
+            client,
+            space,
+            args.backend,
+            samples=args.samples,
+            seed=args.seed,
+            batch=args.batch,
+            threads=args.threads,
+            input_hw=args.input,
+            joints=args.joints,
+            progress=not args.quiet,
+        )
+    report["space"] = args.space
+    stats = report
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"LUT {doc['id']} ({args.backend}, batch {args.batch}, {args.threads} thread(s), clock {result['clock']})")
-    print(f"  {len(archs)} random {args.space} architectures, measured end to end on the agent (interleaved)")
+    cell = f"{args.backend}, batch {args.batch}, {args.threads} thread(s), clock {report['clock']}"
+    print(f"LUT {report['lut_id']} ({cell})")
+    print(f"  {report['samples']} random {args.space} architectures, measured end to end on the agent (interleaved)")
     print(f"  within +-5%: {stats['within_5pct']:.0%}   within +-10%: {stats['within_10pct']:.0%}")
     print(f"  MAPE {stats['mape']:.2%}   bias {stats['bias']:+.2%}")
     print(f"  Kendall tau {stats['kendall_tau']:.3f}   Spearman {stats['spearman']:.3f}")

@@ -200,3 +200,53 @@ def fidelity(predicted: list[float], measured: list[float]) -> dict[str, float]:
         "kendall_tau": float(tau),
         "spearman": float(rho),
     }
+
+
+# Whole networks at batch 8 take ~0.1 s a call on a small CPU: fewer interleaved rounds (each one an
+# untimed and a timed call of every network) keep a 50-network validation to about a minute.
+NETWORK_BUDGET: dict[int, dict[str, int]] = {1: {"min_samples": 9}, 8: {"min_samples": 5}}
+
+
+def validate_on_agent(
+    client: Any,
+    space: str | dict[str, Any],
+    backend: str,
+    samples: int = 50,
+    seed: int = 0,
+    batch: int = 1,
+    threads: int = 1,
+    input_hw: tuple[int, int] = (256, 256),
+    joints: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """LUT fidelity on an agent (``effpose lut validate`` and benchmarks/lut_fidelity.py): get the LUT,
+    time ``samples`` random legal architectures end to end on the agent (interleaved, one job), score
+    the LUT sums against them. ``client`` is a ``lut_service.client.AgentClient``. The LUT build never
+    sees these architectures, so every one is held out."""
+    options = {"batch": batch, "threads": threads, "input_hw": input_hw, "joints": joints}
+    doc = client.request_lut(space, backend, progress=progress, **options)
+    archs = random_archs(space, samples, seed)
+    budget = NETWORK_BUDGET.get(batch, NETWORK_BUDGET[8] if batch > 8 else None)
+    result = client.measure_networks(space, archs, backend, budget=budget, progress=progress, **options)
+    table = LutTable.from_document(doc)
+    predicted = [table.predict(ArchSpec(space=space, ops=ops)) for ops in archs]
+    measured = [lat["median_ms"] for lat in result["latencies"]]
+    return {
+        "backend": backend,
+        "threads": threads,
+        "batch": batch,
+        "space": space if isinstance(space, str) else get_space(space).name,
+        "samples": len(archs),
+        **fidelity(predicted, measured),
+        "clock": result["clock"],
+        "lut_id": doc["id"],
+        "archs": [
+            {
+                "ops": ops,
+                "predicted_ms": round(p, 4),
+                "measured_ms": round(m, 4),
+                "measured_iqr_ms": round(lat["iqr_ms"], 4),
+            }
+            for ops, p, m, lat in zip(archs, predicted, measured, result["latencies"], strict=True)
+        ],
+    }

@@ -70,6 +70,37 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b) is None]
 
 
+# glibc malloc, set by the agent's worker at start (``tune_allocator``) and recorded in the device
+# fingerprint. With glibc's default, the mmap threshold moves with the history of frees, so whether a
+# large torch activation is mmapped afresh (and page-faulted in on every call) depends on what ran
+# before: the same network measured 20-40 % apart between two runs, and LUT sums ranked random
+# networks with Kendall tau 0.4-0.6. A fixed threshold and no trimming make it deterministic, as a
+# tuned deployment would run (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` or jemalloc/tcmalloc).
+ALLOCATOR_SETTINGS: dict[str, int] = {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 1 << 30}
+_MALLOPT_PARAMS = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
+
+
+def allocator_description() -> str:
+    """What ``tune_allocator`` sets, for the device fingerprint."""
+    return "glibc mallopt " + " ".join(f"{k}={v}" for k, v in ALLOCATOR_SETTINGS.items())
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Apply ``ALLOCATOR_SETTINGS`` to this process (glibc only); True when glibc accepted them."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    return all(libc.mallopt(_MALLOPT_PARAMS[k], v) == 1 for k, v in ALLOCATOR_SETTINGS.items())
+
+
 CLOCKS = ("auto", "wall")
 CLOCK_NAMES = ("thread-cpu", "wall", "cuda-events")  # what a table records; make_runner accepts them too
 

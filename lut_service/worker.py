@@ -19,10 +19,11 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from lut_service import crud
+from lut_service.context import CONTEXT_BACKENDS, context_lut
 from lut_service.db import session_scope
 from lut_service.models import Job, Lut
 from lut_service.plan import PlannedEntry, plan_entries
-from lut_service.profilers import Timing, make_runner, measure, overhead_probe, summarize
+from lut_service.profilers import Timing, make_runner, measure, overhead_probe, summarize, tune_allocator
 from lut_service.settings import Budget
 from pose.space import ArchSpec, get_space
 
@@ -92,6 +93,7 @@ class Worker:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
+        tune_allocator()  # deterministic malloc for torch-cpu timings (profilers.ALLOCATOR_SETTINGS)
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="lut-profiler", daemon=True)
         self._thread.start()
@@ -172,6 +174,7 @@ class Worker:
         )
         errors: list[dict[str, str]] = []
         overhead_ms = 0.0
+        context: dict[str, Timing] | None = None  # CPU backends: every key timed inside whole networks
         workdir = Path(tempfile.mkdtemp(prefix="effpose-lut-"))
         try:
             # The overhead entry first: every other entry is stored with it subtracted.
@@ -183,8 +186,17 @@ class Worker:
                     if entry.kind == "overhead":
                         overhead_ms = have[entry.key]
                     continue
+                if context is None and entry.kind != "overhead" and backend in CONTEXT_BACKENDS:
+                    context = self._measure_in_context(
+                        request, backend, batch, threads, overhead_ms, budget, workdir, clock
+                    )
+                    if context is None:
+                        return  # stopping: resumed at the next start
                 try:
-                    timing = measure_entry(entry, backend, threads, budget, workdir, self._stop.is_set, clock)
+                    if context and entry.key in context:
+                        timing = context[entry.key]  # already net of the overhead: nothing to subtract
+                    else:
+                        timing = measure_entry(entry, backend, threads, budget, workdir, self._stop.is_set, clock)
                 except Exception as exc:  # a backend error or out of memory: record it, go on
                     log.warning("measuring %s failed: %s", entry.key, traceback.format_exc(limit=3))
                     errors.append({"key": entry.key, "error": f"{type(exc).__name__}: {exc}"})
@@ -193,7 +205,7 @@ class Worker:
                     continue
                 if self._stop.is_set():
                     return  # possibly cut short: do not store it
-                subtract = 0.0 if entry.kind == "overhead" else overhead_ms
+                subtract = 0.0 if entry.kind == "overhead" or (context and entry.key in context) else overhead_ms
                 with session_scope(self.factory) as session:  # the entry and the progress in one commit
                     crud.upsert_measurement(
                         session,
@@ -220,6 +232,41 @@ class Worker:
         finally:
             self.current_job = None
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def _measure_in_context(
+        self,
+        request: dict,
+        backend: str,
+        batch: int,
+        threads: int,
+        overhead_ms: float,
+        budget: Budget,
+        workdir: Path,
+        clock: str,
+    ) -> dict[str, Timing] | None:
+        """All stem, head and layer entries of the request timed in context (``lut_service.context``);
+        ``{}`` (each entry then timed on its own) if that fails, None when stopping."""
+        check = deadline_check(budget.timeout_s * 8, "in-context measurement")
+        try:
+            return context_lut(
+                backend,
+                get_space(request["space"]),
+                tuple(request["input"]),
+                batch,
+                request["joints"],
+                tuple(request["head_widths"]),
+                request["head_style"],
+                request["sic"],
+                threads,
+                overhead_ms,
+                budget,
+                workdir,
+                clock,
+                lambda: self._stop.is_set() or check() is not None,
+            )
+        except Exception:
+            log.warning("in-context measurement failed, timing entries alone: %s", traceback.format_exc(limit=3))
+            return {}
 
     def run_networks_job(self, job_id: str) -> None:
         """Time whole networks round-robin, so drifting machine load hits every network alike."""
