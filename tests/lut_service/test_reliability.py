@@ -550,6 +550,36 @@ def _healthy(port: int) -> bool:
         return False
 
 
+def test_settings_read_security_and_limits_from_the_environment(monkeypatch):
+    from lut_service.guard import bearer_matches
+    from lut_service.settings import Settings
+
+    for name in [k for k in os.environ if k.startswith("EFFPOSE_")]:
+        monkeypatch.delenv(name)
+    default = Settings.from_env()
+    assert default.host == "127.0.0.1" and default.token is None and default.protect_reads is False
+    monkeypatch.setenv("EFFPOSE_TOKEN", TOKEN)
+    monkeypatch.setenv("EFFPOSE_PROTECT_READS", "yes")
+    monkeypatch.setenv("EFFPOSE_MAX_LAYERS", "12")
+    monkeypatch.setenv("EFFPOSE_PROFILE_TIMEOUT_S", "2.5")
+    settings = Settings.from_env()
+    assert settings.token == TOKEN and settings.protect_reads and settings.max_layers == 12
+    assert settings.budget.timeout_s == 2.5
+    for var, value, message in (
+        ("EFFPOSE_PROTECT_READS", "maybe", "EFFPOSE_PROTECT_READS='maybe'"),
+        ("EFFPOSE_MAX_CHANNELS", "many", "EFFPOSE_MAX_CHANNELS='many' is not an integer"),
+        ("EFFPOSE_MAX_BODY_BYTES", "0", "must be at least 1"),
+    ):
+        with monkeypatch.context() as patch:
+            patch.setenv(var, value)
+            with pytest.raises(ValueError, match=re.escape(message)):
+                Settings.from_env()
+    headers = [(b"authorization", f"Bearer {TOKEN}".encode())]
+    assert bearer_matches(headers, TOKEN.encode())
+    assert not bearer_matches([(b"authorization", b"Bearer ")], TOKEN.encode())
+    assert not bearer_matches([], TOKEN.encode())
+
+
 def test_docker_compose_keeps_the_token_in_an_uncommitted_env_file():
     compose = (ROOT / "docker-compose.yml").read_text()
     ports = re.findall(r"^\s*-\s*\"?([\w.:]*:\d+:\d+)\"?\s*$", compose, flags=re.MULTILINE)
