@@ -245,7 +245,7 @@ def validate_on_agent(
                 "ops": ops,
                 "predicted_ms": round(p, 4),
                 "measured_ms": round(m, 4),
-                "measured_iqr_ms": round(lat["iqr_ms"], 4),
+                "iqr_ms": round(lat["iqr_ms"], 4),
             }
             for ops, p, m, lat in zip(archs, predicted, measured, result["latencies"], strict=True)
         ],
