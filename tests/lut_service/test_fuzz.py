@@ -75,3 +75,35 @@ def test_api_conforms_to_its_schema(fuzz_agent, operation, mode):
         case.call_and_validate(base_url=fuzz_agent.url, checks=CHECKS, timeout=30)
 
     check()
+
+
+def test_success_answers_conform_too(fuzz_agent):
+    """Random ids and bodies rarely hit the success paths; walk them explicitly with the same checks:
+    202 and 200 of POST /v1/luts, a running and a done job, 409 while incomplete, the document, 304."""
+    ops = {op.label: op for op in OPERATIONS}
+    url = fuzz_agent.url
+    body = {"space": {"name": "tiny", "stem_channels": 8, "stages": [[16, 2, 1]]}, "backend": "torch-cpu"}
+    body |= {"input": [64, 64], "budget": {"warmup_s": 0.3}}
+
+    def call(label: str, headers: dict[str, str] | None = None, **kwargs):
+        case = ops[label].Case(**kwargs)
+        return case.call_and_validate(base_url=url, headers=headers, checks=CHECKS, timeout=30)
+
+    accepted = call("POST /v1/luts", body=body)
+    assert accepted.status_code == 202
+    job_id, lut_id = accepted.json()["job_id"], accepted.json()["lut_id"]
+    assert call("GET /v1/luts/{lut_id}", path_parameters={"lut_id": lut_id}).status_code == 409
+    while (job := call("GET /v1/jobs/{job_id}", path_parameters={"job_id": job_id})).json()["state"] != "done":
+        assert job.json()["state"] in ("queued", "running")
+    assert call("POST /v1/luts", body=body).status_code == 200  # complete: the document itself
+    document = call("GET /v1/luts/{lut_id}", path_parameters={"lut_id": lut_id})
+    assert document.status_code == 200
+    etag = document.headers["etag"]
+    etag = etag[0] if isinstance(etag, list) else etag  # schemathesis keeps header values as lists
+    cached = call("GET /v1/luts/{lut_id}", path_parameters={"lut_id": lut_id}, headers={"If-None-Match": etag})
+    assert cached.status_code == 304
+    networks = {k: v for k, v in body.items() if k != "budget"} | {"archs": [["k3e3"]]}
+    job_id = call("POST /v1/networks", body=networks).json()["job_id"]
+    while (job := call("GET /v1/jobs/{job_id}", path_parameters={"job_id": job_id})).json()["state"] != "done":
+        assert job.json()["state"] in ("queued", "running")
+    assert len(job.json()["result"]["latencies"]) == 1
