@@ -89,7 +89,7 @@ class Settings:
             "db_url": env.get("EFFPOSE_DB_URL") or default_db_url(),
             "host": env.get("EFFPOSE_HOST", "127.0.0.1"),
             "port": int(env.get("EFFPOSE_PORT", "8000")),
-            "token": env.get("EFFPOSE_TOKEN") or None,
+            "token": (env.get("EFFPOSE_TOKEN") or "").strip() or None,  # whitespace around it is not part of it
             "protect_reads": _flag(env.get("EFFPOSE_PROTECT_READS", ""), "EFFPOSE_PROTECT_READS"),
             "budget": _env_budget(),
             "clock": env.get("EFFPOSE_PROFILE_CLOCK", "auto"),
