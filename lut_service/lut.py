@@ -222,15 +222,32 @@ def validate_on_agent(
     """LUT fidelity on an agent (``effpose lut validate`` and benchmarks/lut_fidelity.py): get the LUT,
     time ``samples`` random legal architectures end to end on the agent (interleaved, one job), score
     the LUT sums against them. ``client`` is a ``lut_service.client.AgentClient``. The LUT build never
-    sees these architectures, so every one is held out."""
+    sees these architectures, so every one is held out.
+
+    The same job also times one uniform network per MBConv op (every layer that op: the networks the
+    agent's in-context build measured). Their measured/predicted ratio is the machine's *drift* since
+    the LUT was built (load, frequency, memory traffic of other processes), reported as ``drift`` and as
+    ``drift_corrected`` scores (predictions times that ratio). The headline scores never use it."""
+    from pose.space import MBCONV_OPS
+
     options = {"batch": batch, "threads": threads, "input_hw": input_hw, "joints": joints}
     doc = client.request_lut(space, backend, progress=progress, **options)
     archs = random_archs(space, samples, seed)
+    n_layers = len(get_space(space).layers(input_hw))
+    references = [[op] * n_layers for op in MBCONV_OPS]
     budget = NETWORK_BUDGET.get(batch, NETWORK_BUDGET[8] if batch > 8 else None)
-    result = client.measure_networks(space, archs, backend, budget=budget, progress=progress, **options)
+    result = client.measure_networks(space, archs + references, backend, budget=budget, progress=progress, **options)
     table = LutTable.from_document(doc)
+    latencies = result["latencies"][: len(archs)]
     predicted = [table.predict(ArchSpec(space=space, ops=ops)) for ops in archs]
-    measured = [lat["median_ms"] for lat in result["latencies"]]
+    measured = [lat["median_ms"] for lat in latencies]
+    ref_ratio = [
+        lat["median_ms"] / table.predict(ArchSpec(space=space, ops=ops))
+        for ops, lat in zip(references, result["latencies"][len(archs) :], strict=True)
+    ]
+    import numpy as np
+
+    drift = float(np.median(ref_ratio))
     return {
         "backend": backend,
         "threads": threads,
@@ -238,6 +255,8 @@ def validate_on_agent(
         "space": space if isinstance(space, str) else get_space(space).name,
         "samples": len(archs),
         **fidelity(predicted, measured),
+        "drift": drift - 1.0,
+        "drift_corrected": fidelity([p * drift for p in predicted], measured),
         "clock": result["clock"],
         "lut_id": doc["id"],
         "archs": [
@@ -247,6 +266,6 @@ def validate_on_agent(
                 "measured_ms": round(m, 4),
                 "iqr_ms": round(lat["iqr_ms"], 4),
             }
-            for ops, p, m, lat in zip(archs, predicted, measured, result["latencies"], strict=True)
+            for ops, p, m, lat in zip(archs, predicted, measured, latencies, strict=True)
         ],
     }
