@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lut_service.schemas import LutDocument
-from pose.space import ArchSpec, arch_keys, get_space
+from pose.space import ArchSpec, arch_keys, get_space, random_ops
 
 
 def validate_document(doc: dict[str, Any], source: str = "LUT document") -> LutDocument:
@@ -177,8 +177,8 @@ def random_archs(space: str | dict[str, Any], count: int, seed: int = 0) -> list
     import random
 
     rng = random.Random(seed)
-    layers = get_space(space).layers()
-    return [[rng.choice(layer.legal_ops()) for layer in layers] for _ in range(count)]
+    search_space = get_space(space)
+    return [random_ops(search_space, rng) for _ in range(count)]
 
 
 def fidelity(predicted: list[float], measured: list[float]) -> dict[str, float]:
@@ -204,7 +204,7 @@ def fidelity(predicted: list[float], measured: list[float]) -> dict[str, float]:
 
 # Whole networks at batch 8 take ~0.1 s a call on a small CPU: fewer interleaved rounds (each one an
 # untimed and a timed call of every network) keep a 50-network validation to about a minute.
-NETWORK_BUDGET: dict[int, dict[str, int]] = {1: {"min_samples": 9}, 8: {"min_samples": 5}}
+NETWORK_BUDGET: dict[int, dict[str, int]] = {1: {"min_samples": 9}, 8: {"min_samples": 5, "warmup_runs": 1}}
 
 
 def validate_on_agent(
