@@ -97,6 +97,30 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(path: Path) -> str:
+    """The README table of a results file (``--markdown``)."""
+    import json
+
+    doc = json.loads(path.read_text())
+    meta = doc["meta"]
+    load = ", ".join(f"{x:.1f}" for x in meta["machine"].get("load_average_1_5_15") or [])
+    lines = [
+        f"`{meta['command']}` at {meta['timestamp_utc']} ({meta.get('seconds', '?')} s, load average {load}):",
+        "",
+        "| backend | threads | batch | N | ±5 % | ±10 % | MAPE | bias | Kendall tau | Spearman | target | drift |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["runs"]:
+        target = ", ".join(f"{k} >= {v:g}" for k, v in r["target"].items())
+        verdict = f"{target}: **{r['target_status']}**" if target else "-"
+        lines.append(
+            f"| {r['backend']} | {r['threads']} | {r['batch']} | {r['samples']} | {r['within_5pct']:.0%} | "
+            f"{r['within_10pct']:.0%} | {r['mape']:.1%} | {r['bias']:+.1%} | {r['kendall_tau']:.3f} | "
+            f"{r['spearman']:.3f} | {verdict} | {r['drift']:+.1%} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one cell, 8 networks (< 1 min)")
@@ -107,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cells", default=None, help="comma-separated BACKEND:THREADS:BATCH (default: all 8; quick: ORT 1T b1)"
     )
     parser.add_argument("--results-dir", default=None, help=f"default {RESULTS_DIR}")
+    parser.add_argument("--markdown", action="store_true", help="print the README table of the latest results only")
     args = parser.parse_args(argv)
+    if args.markdown:
+        directory = Path(args.results_dir) if args.results_dir else RESULTS_DIR
+        print(markdown((directory / "quick" if args.quick else directory) / "lut_fidelity.json"))
+        return 0
     samples = args.samples or (8 if args.quick else 50)
     cells = QUICK_CELLS if args.quick else FULL_CELLS
     if args.cells:
