@@ -221,7 +221,8 @@ class AgentClient:
         safe = "".join(c for c in lut_id if c.isalnum() or c in "-_")
         return self.cache_dir / f"{safe}.json"
 
-    def _cached(self, lut_id: str) -> tuple[str, dict[str, Any]] | None:
+    def cached(self, lut_id: str) -> tuple[str, dict[str, Any]] | None:
+        """The on-disk ETag cache entry of a LUT, (etag, document), or None: for offline fallbacks."""
         path = self._cache_path(lut_id)
         try:
             blob = json.loads(path.read_text())
@@ -242,7 +243,7 @@ class AgentClient:
 
         When the agent is unreachable and a cached copy exists (``use_stale``), return it with a warning.
         """
-        cached = self._cached(lut_id)
+        cached = self.cached(lut_id)
         headers = {"If-None-Match": cached[0]} if cached else {}
         try:
             response = self._request("GET", f"/v1/luts/{lut_id}", ok=(200, 304), headers=headers)

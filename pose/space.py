@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,11 @@ class ArchSpec(BaseModel):
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2, exclude_none=True) + "\n")
+
+
+def random_ops(space: SearchSpace, rng: random.Random) -> list[str]:
+    """A uniformly random legal op per searchable layer (random-search baseline, LUT validation)."""
+    return [rng.choice(layer.legal_ops()) for layer in space.layers()]
 
 
 # ---------------------------------------------------------------------------------------------

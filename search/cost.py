@@ -230,7 +230,7 @@ def _cached_document(agent, base: str, body: dict[str, Any]) -> dict[str, Any] |
         return None
     if lut_id is None:
         return None
-    cached = agent._cached(lut_id)  # the client's ETag cache entry: (etag, document) or None
+    cached = agent.cached(lut_id)
     return None if cached is None else {"etag": cached[0], "document": cached[1]}
 
 

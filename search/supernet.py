@@ -33,6 +33,7 @@ candidates are not computed. In ``sampled`` mode every weight step already drops
 
 from __future__ import annotations
 
+import random
 from typing import Literal
 
 import torch
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pose.ops import PoseHead, Stem, make_layer_op
-from pose.space import CANDIDATE_OPS, ArchSpec, Layer, SearchSpace, get_space
+from pose.space import CANDIDATE_OPS, ArchSpec, Layer, SearchSpace, get_space, random_ops
 
 Mode = Literal["mixed", "sampled"]
 Phase = Literal["weights", "arch", "eval"]
@@ -197,8 +198,5 @@ def sample_arch(
 ) -> ArchSpec:
     """A uniformly random legal architecture of ``space`` (the random-search baseline of Table 3)."""
     space = space_of(space)
-    ops = []
-    for layer in space.layers():
-        legal = layer.legal_ops()
-        ops.append(legal[int(torch.randint(len(legal), (1,), generator=generator))])
+    ops = random_ops(space, random.Random(int(torch.randint(2**62, (1,), generator=generator))))
     return ArchSpec(space=arch_space_field(space), ops=ops, name=name, **(head or {}))
