@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lut_service.local import LocalAgent, free_port  # noqa: F401 - free_port: test_cli imports it here
+from lut_service.local import LocalAgent
 
 # Small timing budget so the suite stays fast; the agent reads it from the environment.
 FAST_BUDGET = {

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import free_port
+from lut_service.local import free_port
 
 
 def effpose(*args: str) -> subprocess.CompletedProcess:

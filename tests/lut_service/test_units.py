@@ -194,7 +194,7 @@ def test_load_document_names_the_file(tmp_path):
 
 
 def test_client_unreachable_agent_names_the_url(tmp_path):
-    from conftest import free_port
+    from lut_service.local import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     with AgentClient(url, retries=2, backoff_s=0.01, cache_dir=tmp_path) as client:
