@@ -47,6 +47,35 @@ def _detail(response: httpx.Response) -> str:
     return str(detail)
 
 
+def _request_body(
+    space: str | dict[str, Any],
+    backend: str,
+    batch: int,
+    threads: int,
+    input_hw: tuple[int, int],
+    joints: int,
+    head_widths: tuple[int, ...],
+    head_style: str,
+    sic: bool,
+    budget: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The fields POST /v1/luts and POST /v1/networks share (space, backend, shapes, head, budget)."""
+    body: dict[str, Any] = {
+        "space": space,
+        "backend": backend,
+        "batch": batch,
+        "threads": threads,
+        "input": list(input_hw),
+        "joints": joints,
+        "head_widths": list(head_widths),
+        "head_style": head_style,
+        "sic": sic,
+    }
+    if budget:
+        body["budget"] = budget
+    return body
+
+
 class AgentClient:
     def __init__(
         self,
@@ -130,20 +159,8 @@ class AgentClient:
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
         """Ask for a LUT, wait for its job (progress bar done/total on stderr), return the document."""
-        body: dict[str, Any] = {
-            "space": space,
-            "backend": backend,
-            "batch": batch,
-            "threads": threads,
-            "dtype": dtype,
-            "input": list(input_hw),
-            "joints": joints,
-            "head_widths": list(head_widths),
-            "head_style": head_style,
-            "sic": sic,
-        }
-        if budget:
-            body["budget"] = budget
+        body = _request_body(space, backend, batch, threads, input_hw, joints, head_widths, head_style, sic, budget)
+        body["dtype"] = dtype
         response = self.submit(body)
         if response.status_code == 200:
             doc = response.json()
@@ -199,20 +216,8 @@ class AgentClient:
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
         """Whole-network latencies measured on the agent's device: ``{"clock", "latencies": [...]}``."""
-        body: dict[str, Any] = {
-            "space": space,
-            "archs": archs,
-            "backend": backend,
-            "batch": batch,
-            "threads": threads,
-            "input": list(input_hw),
-            "joints": joints,
-            "head_widths": list(head_widths),
-            "head_style": head_style,
-            "sic": sic,
-        }
-        if budget:
-            body["budget"] = budget
+        body = _request_body(space, backend, batch, threads, input_hw, joints, head_widths, head_style, sic, budget)
+        body["archs"] = archs
         job_id = self._request("POST", "/v1/networks", ok=(202,), json=body).json()["job_id"]
         return self.wait(job_id, progress=progress, poll_s=poll_s, timeout_s=timeout_s)["result"]
 

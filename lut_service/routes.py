@@ -52,15 +52,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    session = request.app.state.sessions()
-    try:
+    with session_scope(request.app.state.sessions) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
