@@ -57,27 +57,7 @@ P = {name: i for i, name in enumerate(POINTS)}
 COCO_FROM_POINTS = [P[n] for n in ("nose", "l_eye", "r_eye", "l_ear", "r_ear")] + [
     P[f"{side}_{part}"] for part in ("shoulder", "elbow", "wrist", "hip", "knee", "ankle") for side in ("l", "r")
 ]
-MPII_FROM_POINTS = [
-    P[n]
-    for n in (
-        "r_ankle",
-        "r_knee",
-        "r_hip",
-        "l_hip",
-        "l_knee",
-        "l_ankle",
-        "pelvis",
-        "thorax",
-        "neck",
-        "head_top",
-        "r_wrist",
-        "r_elbow",
-        "r_shoulder",
-        "l_shoulder",
-        "l_elbow",
-        "l_wrist",
-    )
-]
+MPII_FROM_POINTS = [P["neck" if name == "upper_neck" else name] for name in MPII.joints]  # MPII order, one source
 assert len(COCO_FROM_POINTS) == COCO.num_joints and len(MPII_FROM_POINTS) == MPII.num_joints
 
 SKIN = ((224, 172, 105), (198, 134, 66), (141, 85, 36), (241, 194, 125), (255, 219, 172), (92, 58, 30))
