@@ -57,8 +57,8 @@ def worker(
     """
     import torch
 
+    from pose.loss import heatmap_loss
     from pose.models import PRESETS, PoseNet
-    from pose.train import heatmap_loss
     from search.cost import HeadOptions, count_table
     from search.supernet import Supernet
 

@@ -23,6 +23,7 @@ from pose.data.dataset import PoseDataset, make_loader
 from pose.data.mpii import MpiiGroundTruth, load_gt_valid
 from pose.data.transforms import flip_back, transform_preds
 from pose.keypoints import COCO, MPII, MPII_MAT_NAMES, JointSet
+from pose.loss import heatmap_loss
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
 MPII_KEYS = ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean", "Mean@0.1")
@@ -93,8 +94,6 @@ def predict(
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Keypoints (N, K, 3: x, y, confidence) in image pixels for every sample, plus the validation loss."""
-    from pose.train import heatmap_loss
-
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
         model.eval()

@@ -1,7 +1,7 @@
 """Training of a derived network (paper Sec. 4, REFERENCE §6), single process or ``torchrun`` DDP.
 
-``train(...)`` is the whole run (the CLI and the demo call it); ``train_one_epoch`` and
-``heatmap_loss`` are reusable by the search. A run writes ``OUT/last.pt`` after every epoch
+``train(...)`` is the whole run (the CLI and the demo call it); ``train_one_epoch`` is reusable
+(the loss is ``pose.loss.heatmap_loss``). A run writes ``OUT/last.pt`` after every epoch
 (atomically), ``OUT/best.pt`` when the validation metric improves, ``OUT/metrics.jsonl`` and
 ``OUT/training.png``. Everything random is derived from the seed and the epoch (model init, sample
 order, augmentation), so ``--resume`` continues exactly as an uninterrupted run would have.
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
@@ -33,16 +33,9 @@ from tqdm import tqdm
 from pose.checkpoint import load_checkpoint, save_atomic
 from pose.data import SPEC_HELP, DataSpec, build_datasets, default_input_hw, make_loader, parse_spec
 from pose.evaluate import evaluate_model
+from pose.loss import heatmap_loss
 from pose.models import arch_description, build_model, heatmap_shape, resolve_arch
 from pose.space import parse_hw
-
-
-def heatmap_loss(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
-    """MSE per joint weighted by the target weight (paper Eq. 6; HRNet's JointsMSELoss: 0.5 x mean)."""
-    if pred.shape != target.shape:
-        raise ValueError(f"model output {tuple(pred.shape)} does not match the target heatmaps {tuple(target.shape)}")
-    w = weight.reshape(weight.shape[0], weight.shape[1], 1, 1).to(pred.dtype)
-    return 0.5 * ((pred * w - target * w) ** 2).mean()
 
 
 @dataclass

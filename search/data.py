@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pose.train import heatmap_loss  # noqa: F401  (re-exported: Eq. 6 L_MSE, the one training uses)
+from pose.loss import heatmap_loss  # noqa: F401  (re-exported: Eq. 6 L_MSE, the one training uses)
 
 
 def open_train_set(spec: str, input_hw: tuple[int, int], seed: int = 0) -> tuple[Dataset, Dataset, int]:

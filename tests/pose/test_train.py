@@ -17,7 +17,8 @@ from effpose.cli import main
 from pose.checkpoint import load_checkpoint, load_model
 from pose.data import parse_spec
 from pose.data.synthetic import generate_coco
-from pose.train import Recipe, heatmap_loss, lr_factor, recipe_for, train
+from pose.loss import heatmap_loss
+from pose.train import Recipe, lr_factor, recipe_for, train
 
 TINY = dict(input_hw=(64, 48), batch_size=8, progress=False)
 
