@@ -41,24 +41,25 @@ import numpy as np
 import torch
 from common import (
     RESULTS_DIR,
-    agent_process,
     format_table,
     interleaved_timing,
     machine_info,
     machine_summary,
     ort_cpu_runner,
-    ort_session,
+    stats_dict,
     torch_cpu_runner,
     write_results,
 )
 
 from lut_service.client import AgentClient
+from lut_service.local import LocalAgent
 from lut_service.lut import LutTable, save_document
+from lut_service.timing import ort_session
 from pose.counting import count
 from pose.data import parse_spec
 from pose.export import export_onnx
 from pose.models import PRESETS, build_model
-from pose.space import ArchSpec, parse_hw
+from pose.space import ArchSpec, TableSpec, parse_hw
 
 BACKENDS = ("onnxruntime-cpu", "torch-cpu")
 COSTS = ("flops", "lut:onnxruntime-cpu", "lut:torch-cpu")  # cost-table names the search gives them
@@ -162,18 +163,14 @@ def build_luts(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     """One agent, fresh DB; both LUTs through the real client; saved as files the search reads."""
     luts: dict[str, dict] = {}
     budget = QUICK_BUDGET if args.quick else None
-    with agent_process(work / "agent.db") as agent:
+    with LocalAgent(work / "agent.db") as agent:
         with AgentClient(agent.url, cache_dir=work / "client-cache") as client:
             for backend in BACKENDS:
                 say(f"[lut] {backend}: requesting the {args.space} space at {args.input_hw[0]}x{args.input_hw[1]} ...")
                 t0 = time.perf_counter()
                 doc = client.request_lut(
-                    args.space,
+                    TableSpec(args.space, args.input_hw, joints=args.joints),
                     backend,
-                    batch=1,
-                    threads=1,
-                    input_hw=args.input_hw,
-                    joints=args.joints,
                     budget=budget,
                     progress=not args.no_progress,
                     poll_s=0.2,
@@ -250,24 +247,23 @@ def run_searches(args: argparse.Namespace, luts: dict[str, dict], work: Path) ->
 
 def train_all(args: argparse.Namespace, archs: dict[str, Path | str], work: Path) -> dict[str, dict]:
     """The same time budget for every network; evaluation only once, at the end (not billed to the budget)."""
-    from pose.train import train
+    from pose.train import TrainConfig, train
 
     budget = {"max_minutes" if args.budget_clock == "wall" else "max_cpu_minutes": args.train_minutes}
     results: dict[str, dict] = {}
     for name, arch in archs.items():
         say(f"[train] {name}: {args.train_minutes:g} {args.budget_clock} minute(s) on {args.data} ...")
-        summary = train(
+        cfg = TrainConfig(
             str(arch),
             args.data,
-            work / f"train-{name.replace(':', '-')}",
             epochs=100_000,  # the time budget ends the run; the lr schedule's milestones are never reached
             input_hw=args.search_hw,
             seed=args.seed,
             threads=args.threads,
             eval_every=10**9,  # evaluate once, after the budget is spent
-            progress=not args.no_progress,
             **budget,
         )
+        summary = train(cfg, work / f"train-{name.replace(':', '-')}", progress=not args.no_progress)
         last = summary["last"] or {}
         results[name] = {
             "metric": summary["metric"],
@@ -304,7 +300,7 @@ def measure_latency(args: argparse.Namespace, archs: dict[str, ArchSpec], work: 
     )
     out: dict[str, dict] = {}
     for (name, backend), label in labels.items():
-        out.setdefault(name, {})[backend] = stats[label].to_dict()
+        out.setdefault(name, {})[backend] = stats_dict(stats[label])
     return out
 
 
@@ -407,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             "ops": list(arch.ops),
             "params": counts.params,
             "gflops_paper": round(counts.gflops_paper, 4),
-            "lut_ort_cpu_ms": round(tables["onnxruntime-cpu"].predict(arch, args.input_hw, args.joints, 1), 3),
-            "lut_torch_cpu_ms": round(tables["torch-cpu"].predict(arch, args.input_hw, args.joints, 1), 3),
+            "lut_ort_cpu_ms": round(tables["onnxruntime-cpu"].predict(arch), 3),
+            "lut_torch_cpu_ms": round(tables["torch-cpu"].predict(arch), 3),
             "ort_cpu_ms": round(latency[name]["onnxruntime-cpu"]["median_ms"], 3),
             "torch_cpu_ms": round(latency[name]["torch-cpu"]["median_ms"], 3),
             "latency": latency[name],

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from pose.data import SPEC_HELP
+from pose.space import parse_hw
+
+if TYPE_CHECKING:
+    from pose.train import TrainConfig
 
 
 def register_workflow(commands: argparse._SubParsersAction) -> None:
-    from pose.train import add_train_arguments, cmd_train
-
     data = commands.add_parser("data", help="datasets: generate synthetic people")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     synth = data_commands.add_parser("synth", help="draw a synthetic dataset in the COCO or MPII layout")
@@ -26,7 +30,7 @@ def register_workflow(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     synth.set_defaults(func=cmd_data_synth)
 
-    train = commands.add_parser("train", help="train a pose network (torchrun -m pose.train for several processes)")
+    train = commands.add_parser("train", help="train a pose network (several processes: torchrun ... -m effpose train)")
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 
@@ -82,6 +86,91 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     print(json.dumps(result) if args.json else f"wrote {total} images ({args.keypoints} layout) to {out}")
+    return 0
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """``effpose train`` flags: one per ``pose.train.TrainConfig`` field, plus ``--out``, ``--resume``, ``--json``."""
+    parser.add_argument("arch", metavar="ARCH", help="a preset, a baseline or an arch-spec JSON file")
+    parser.add_argument("--data", required=True, metavar="SPEC", help=SPEC_HELP)
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="run folder (last.pt, best.pt, metrics.jsonl, training.png)"
+    )
+    parser.add_argument("--epochs", type=int, help="default: 200 (mpii), 240 (coco), 30 (synthetic)")
+    parser.add_argument("--batch-size", type=int, help="global batch size (default 32; coco 128)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    parser.add_argument(
+        "--input",
+        type=parse_hw,
+        help="input HxW (default coco 256x192, mpii 256x256, synthetic 128x96, synthetic-mpii 128x128)",
+    )
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, sample order and augmentation")
+    parser.add_argument("--max-minutes", type=float, help="stop (evaluate and save) once this much time has passed")
+    parser.add_argument("--max-cpu-minutes", type=float, help="the same budget in CPU time of this process")
+    parser.add_argument(
+        "--on-bad-image", choices=("fail", "skip"), default="fail", help="unreadable images: stop, or skip and count"
+    )
+    parser.add_argument("--color-order", choices=("RGB", "BGR"), help="channel order fed to the model (default RGB)")
+    parser.add_argument("--train-split", help="training split folder (default train2017 / train)")
+    parser.add_argument("--val-split", help="validation split folder (default val2017 / valid)")
+    parser.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    parser.add_argument("--flip-test", action="store_true", help="use the flip test in the per-epoch evaluation")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` the ``effpose train`` flags describe (run controls stay on ``args``)."""
+    from pose.train import TrainConfig
+
+    return TrainConfig(
+        arch=args.arch,
+        data=args.data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        input_hw=args.input,
+        workers=args.workers,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        max_cpu_minutes=args.max_cpu_minutes,
+        on_bad_image=args.on_bad_image,
+        color_order=args.color_order,
+        eval_every=args.eval_every,
+        flip_test=args.flip_test,
+        device=args.device,
+        threads=args.threads,
+        train_split=args.train_split,
+        val_split=args.val_split,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train; under torchrun every rank runs this, and only rank 0 prints the summary."""
+    import torch.distributed as dist
+
+    from pose.train import train
+
+    cfg = train_config_from_args(args)
+    try:
+        summary = train(cfg, args.out, resume=args.resume)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    best = "n/a" if summary["best"] is None else f"{summary['best']:.2f}"
+    print(
+        f"done: {summary['epochs_run']} epochs, best {summary['metric']} {best} (epoch {summary['best_epoch']}), "
+        f"{summary['skipped_images']} unreadable images skipped; wrote {summary['out']}/last.pt, best.pt, "
+        "metrics.jsonl, training.png"
+    )
     return 0
 
 

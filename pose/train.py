@@ -6,19 +6,20 @@
 ``OUT/training.png``. Everything random is derived from the seed and the epoch (model init, sample
 order, augmentation), so ``--resume`` continues exactly as an uninterrupted run would have.
 
-Multi-process: ``torchrun --nproc_per_node N -m pose.train ARCH --data SPEC --out DIR``: gloo on
-CPU, nccl on GPU, a distributed sampler, and only rank 0 evaluates and writes.
+``train(TrainConfig(arch, data, ...), out)`` is the API; ``effpose train`` (``pose.commands``) maps its
+flags onto a ``TrainConfig``. Multi-process: ``torchrun --nproc_per_node N -m effpose train ARCH --data SPEC
+--out DIR``: gloo on CPU, nccl on GPU, a distributed sampler, and only rank 0 evaluates and writes.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,10 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from pose.checkpoint import load_checkpoint, save_atomic
-from pose.data import SPEC_HELP, DataSpec, build_datasets, default_input_hw, make_loader, parse_spec
+from pose.data import DataSpec, PoseDataset, build_datasets, default_input_hw, make_loader, parse_spec
 from pose.evaluate import evaluate_model
 from pose.loss import heatmap_loss
 from pose.models import arch_description, build_model, heatmap_shape, resolve_arch
-from pose.space import parse_hw
 
 
 @dataclass
@@ -74,8 +74,42 @@ def lr_factor(step: int, iters_per_epoch: int, recipe: Recipe) -> float:
     return factor
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+@dataclass
+class TrainConfig:
+    """What to train and how; ``None`` takes the data's recipe (``recipe_for``) or the dataset default.
+
+    Run controls (the output folder, resuming, stopping early, progress bars) are arguments of ``train``,
+    as for ``search.loop.run_search``.
+    """
+
+    arch: str | Path  # a preset, a baseline or an arch-spec JSON file
+    data: str  # a data SPEC (pose.data.parse_spec)
+    epochs: int | None = None
+    batch_size: int | None = None  # global: split across DDP processes
+    lr: float | None = None
+    input_hw: tuple[int, int] | None = None
+    workers: int = 0
+    seed: int = 0  # model init, sample order and augmentation
+    max_minutes: float | None = None  # wall-clock budget: evaluate, save and stop once spent
+    max_cpu_minutes: float | None = None  # the same in this process's CPU time (fair on a shared machine)
+    on_bad_image: str = "fail"  # "fail" | "skip" (and count) unreadable images
+    color_order: str | None = None  # default: the arch spec's, else RGB
+    eval_every: int = 1  # evaluate every N epochs, and after the last
+    flip_test: bool = False
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    threads: int | None = None  # torch CPU threads per process
+    train_split: str | None = None
+    val_split: str | None = None
+
+    def validate(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.workers < 0:
+            raise ValueError("--workers must be >= 0")
+        if self.max_minutes and self.max_cpu_minutes:
+            raise ValueError(
+                "give either a wall-clock (--max-minutes) or a CPU-time (--max-cpu-minutes) budget, not both"
+            )
 
 
 def _stop_everywhere(stop: bool) -> bool:
@@ -193,215 +227,309 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def train(
-    arch: str | Path,
-    data: str,
-    out: str | Path,
-    *,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    input_hw: tuple[int, int] | None = None,
-    workers: int = 0,
-    resume: bool = False,
-    seed: int = 0,
-    max_minutes: float | None = None,
-    max_cpu_minutes: float | None = None,
-    on_bad_image: str = "fail",
-    color_order: str | None = None,
-    eval_every: int = 1,
-    flip_test: bool = False,
-    device: str = "auto",
-    progress: bool = True,
-    log=None,
-    until_epoch: int | None = None,
-    threads: int | None = None,
-    splits: tuple[str | None, str | None] = (None, None),
-) -> dict[str, Any]:
-    """Train ``arch`` on ``data`` into ``out``; returns a summary (best metric, epochs, paths, skipped images).
+@dataclass
+class _Run:
+    """The live objects of one training run: built by ``_build_run``, advanced one epoch at a time."""
 
-    ``until_epoch`` stops this invocation after that epoch while the schedule still follows ``epochs``
-    (training in stages; ``resume=True`` continues).
-    """
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
-    start_time, start_cpu = time.time(), time.process_time()
-    if max_minutes and max_cpu_minutes:
-        raise ValueError("give either a wall-clock (--max-minutes) or a CPU-time (--max-cpu-minutes) budget, not both")
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    spec: DataSpec
+    recipe: Recipe
+    input_hw: tuple[int, int]
+    color_order: str
+    train_set: PoseDataset
+    val_set: PoseDataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: DistributedSampler
+    loader: DataLoader
+    log: Callable[[str], None] | None = None
+    train_model: nn.Module | None = None  # ``model``, or its DDP wrapper
+    start_epoch: int = 0
+    best: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def metric(self) -> str:
+        return "AP" if self.spec.kind == "coco" else "Mean"
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            (self.log or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
+
+
+def _deadline(cfg: TrainConfig) -> tuple[Callable[[], float], float | None]:
+    """The clock the budget is read on and the time it runs out (None: no budget)."""
     # the CPU-time budget counts this process's CPU seconds, so a run on a shared machine is not cut short
-    clock = time.process_time if max_cpu_minutes else time.time
-    budget = max_cpu_minutes or max_minutes
-    deadline = clock() + budget * 60 if budget else None
-    rank, world, dev = _setup_distributed(device)
-    is_main = rank == 0
-    progress = progress and is_main
+    clock = time.process_time if cfg.max_cpu_minutes else time.time
+    budget = cfg.max_cpu_minutes or cfg.max_minutes
+    return clock, (clock() + budget * 60 if budget else None)
 
-    def say(message: str) -> None:
-        if is_main:
-            (log or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
 
-    out = Path(out)
-    last_path, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
-    if last_path.exists() and not resume:
-        raise ValueError(f"{out} already holds a training run ({last_path}); pass --resume or choose another --out")
-    resolved = resolve_arch(arch)  # fails early on an unknown name
-    spec = parse_spec(data, seed=0)
-    recipe = recipe_for(spec, epochs)
-    if batch_size is not None:
-        recipe.batch_size = batch_size
-    if lr is not None:
-        recipe.lr = lr
-    input_hw = tuple(input_hw or default_input_hw(spec))
-    if is_main:
+def _recipe(cfg: TrainConfig, spec: DataSpec) -> Recipe:
+    recipe = recipe_for(spec, cfg.epochs)
+    if cfg.batch_size is not None:
+        recipe.batch_size = cfg.batch_size
+    if cfg.lr is not None:
+        recipe.lr = cfg.lr
+    return recipe
+
+
+def _build_run(cfg: TrainConfig, out: Path, rank: int, world: int, dev: torch.device, resume: bool, log) -> _Run:
+    """Data, model, optimizer, loader and schedule of a fresh run (resuming loads into them afterwards)."""
+    if (out / "last.pt").exists() and not resume:
+        raise ValueError(
+            f"{out} already holds a training run ({out / 'last.pt'}); pass --resume or choose another --out"
+        )
+    resolved = resolve_arch(cfg.arch)  # fails early on an unknown name
+    spec = parse_spec(cfg.data, seed=0)
+    recipe = _recipe(cfg, spec)
+    input_hw = tuple(cfg.input_hw or default_input_hw(spec))
+    if rank == 0:
         spec.resolve()  # generate synthetic data once, before other ranks look for it
     if world > 1:
         dist.barrier()
-    if color_order is None:  # an arch spec may name the channel order its weights expect
-        color_order = getattr(resolved, "color_order", None) or "RGB"
+    # an arch spec may name the channel order its weights expect
+    color_order = cfg.color_order or getattr(resolved, "color_order", None) or "RGB"
     train_set, val_set = build_datasets(
-        spec, input_hw, color_order=color_order, on_bad_image=on_bad_image, seed=seed, splits=splits
+        spec,
+        input_hw,
+        color_order=color_order,
+        on_bad_image=cfg.on_bad_image,
+        seed=cfg.seed,
+        splits=(cfg.train_split, cfg.val_split),
     )
-    joints = train_set.num_joints
-
-    _seed_all(seed)
-    model = build_model(arch, joints)
-    expected = (joints, input_hw[0] // 4, input_hw[1] // 4)
+    _seed_all(cfg.seed)
+    model = build_model(cfg.arch, train_set.num_joints)
+    expected = (train_set.num_joints, input_hw[0] // 4, input_hw[1] // 4)
     if heatmap_shape(model, input_hw) != expected:
-        raise ValueError(f"{arch} maps {input_hw} to heatmaps {heatmap_shape(model, input_hw)}, expected {expected}")
+        raise ValueError(
+            f"{cfg.arch} maps {input_hw} to heatmaps {heatmap_shape(model, input_hw)}, expected {expected}"
+        )
     model.to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=world > 1)
+    sampler = DistributedSampler(
+        train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=world > 1
+    )
     per_rank_batch = max(1, recipe.batch_size // world)
-    loader = make_loader(train_set, per_rank_batch, sampler=sampler, workers=workers, seed=seed, drop_last=False)
+    loader = make_loader(train_set, per_rank_batch, sampler=sampler, workers=cfg.workers, seed=cfg.seed)
     iters_per_epoch = len(loader)
     if recipe.warmup_iters > iters_per_epoch * recipe.epochs // 10:
         # a warm-up longer than a tenth of a (short) run would leave it at a tiny lr throughout
         recipe.warmup_iters = iters_per_epoch * recipe.epochs // 10
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, iters_per_epoch, recipe))
-
-    start_epoch, best, best_epoch, history = 0, None, None, []
-    metric = "AP" if spec.kind == "coco" else "Mean"
-    if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        if ckpt.get("arch") != arch_description(arch) or ckpt.get("input_hw") != list(input_hw):
-            raise ValueError(f"{last_path} was trained with another architecture or input size; cannot resume it")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
-        start_epoch, best, best_epoch = int(ckpt["epoch"]), ckpt.get("best"), ckpt.get("best_epoch")
-        if metrics_path.exists():
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            history = [h for h in history if h["epoch"] <= start_epoch]
-        say(f"resuming {last_path} after epoch {start_epoch} (best {metric} {best})")
-    elif resume:
-        say(f"--resume: no {last_path} yet, starting a new run")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-    say(
-        f"training {arch} on {data}: {len(train_set)} train / {len(val_set)} val samples, input {input_hw[0]}x"
-        f"{input_hw[1]}, {recipe.epochs} epochs, batch {recipe.batch_size} ({world} process(es)), lr {recipe.lr:g}, "
-        f"milestones {list(recipe.milestones)}, warm-up {recipe.warmup_iters} iters, device {dev}"
+    return _Run(
+        cfg=cfg,
+        out=out,
+        rank=rank,
+        world=world,
+        device=dev,
+        spec=spec,
+        recipe=recipe,
+        input_hw=input_hw,
+        color_order=color_order,
+        train_set=train_set,
+        val_set=val_set,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        loader=loader,
+        log=log,
     )
-    total_skipped = sum(h.get("skipped", 0) for h in history)
-    epoch = start_epoch
-    stopped = False
-    for epoch in range(start_epoch, recipe.epochs):
-        epoch_start = time.time()
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        stats = train_one_epoch(
-            train_model,
-            loader,
-            optimizer,
-            scheduler=scheduler,
-            device=dev,
-            epoch=epoch,
-            deadline=deadline,
-            clock=clock,
-            progress=progress,
-        )
-        stopped = stats["stopped"]
-        skipped = stats["skipped"]
-        if world > 1:
-            counts = torch.tensor([float(skipped), stats["loss"] * stats["samples"], float(stats["samples"])])
-            dist.all_reduce(counts)
-            skipped, stats["loss"] = int(counts[0]), float(counts[1] / max(1.0, counts[2]))
-        total_skipped += skipped
-        last = epoch + 1 == recipe.epochs or stopped or (until_epoch is not None and epoch + 1 >= until_epoch)
-        entry: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": stats["loss"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "skipped": skipped,
-            "partial": stopped,
-        }
-        if is_main:
-            if (epoch + 1) % max(1, eval_every) == 0 or last:
-                metrics = evaluate_model(
-                    model, val_set, flip_test=flip_test, batch_size=recipe.batch_size, device=dev, progress=progress
-                )
-                entry["val_loss"] = metrics.pop("loss")
-                entry.update({k: v for k, v in metrics.items() if k != "samples"})
-                if best is None or entry[metric] > best:
-                    best, best_epoch = entry[metric], epoch + 1
-            entry["time_s"] = round(time.time() - epoch_start, 2)
-            history.append(entry)
-            ckpt = {
-                "model": model.state_dict(),
-                "arch": arch_description(arch),
-                "arch_name": str(arch),
-                "joints": joints,
-                "input_hw": list(input_hw),
-                "color_order": color_order,
-                "dataset": spec.kind,
-                "data": data,
-                "epoch": epoch + 1,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-                "recipe": asdict(recipe),
-                "seed": seed,
-                "metric": metric,
-                "metrics": {k: v for k, v in entry.items()},
-                "best": best,
-                "best_epoch": best_epoch,
-            }
-            save_atomic(ckpt, last_path)
-            if best_epoch == epoch + 1:
-                save_atomic(ckpt, best_path)
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(entry) + "\n")
-            plot_history(history, out / "training.png", metric)
-            shown = f" val {metric} {entry[metric]:.2f} (best {best:.2f} @ {best_epoch})" if metric in entry else ""
-            say(
-                f"epoch {epoch + 1}/{recipe.epochs} loss {stats['loss']:.6f}{shown} lr {entry['lr']:.2e} "
-                f"skipped {skipped} {entry['time_s']:.1f}s" + (" [time budget reached]" if stopped else "")
-            )
-        if world > 1:
-            dist.barrier()
+
+
+def _resume(run: _Run) -> None:
+    """Load OUT/last.pt (model, optimizer, schedule, RNG, best so far) and the metrics up to its epoch."""
+    if not run.last_path.exists():
+        run.say(f"--resume: no {run.last_path} yet, starting a new run")
+        return
+    ckpt = load_checkpoint(run.last_path)
+    if ckpt.get("arch") != arch_description(run.cfg.arch) or ckpt.get("input_hw") != list(run.input_hw):
+        raise ValueError(f"{run.last_path} was trained with another architecture or input size; cannot resume it")
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    _set_rng_state(ckpt["rng"])
+    run.start_epoch, run.best, run.best_epoch = int(ckpt["epoch"]), ckpt.get("best"), ckpt.get("best_epoch")
+    if run.metrics_path.exists():
+        lines = run.metrics_path.read_text().splitlines()
+        run.history = [h for h in (json.loads(line) for line in lines if line.strip()) if h["epoch"] <= run.start_epoch]
+    run.say(f"resuming {run.last_path} after epoch {run.start_epoch} (best {run.metric} {run.best})")
+
+
+def _checkpoint(run: _Run, entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": run.model.state_dict(),
+        "arch": arch_description(run.cfg.arch),
+        "arch_name": str(run.cfg.arch),
+        "joints": run.train_set.num_joints,
+        "input_hw": list(run.input_hw),
+        "color_order": run.color_order,
+        "dataset": run.spec.kind,
+        "data": run.cfg.data,
+        "epoch": entry["epoch"],
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": _rng_state(),
+        "recipe": asdict(run.recipe),
+        "seed": run.cfg.seed,
+        "metric": run.metric,
+        "metrics": dict(entry),
+        "best": run.best,
+        "best_epoch": run.best_epoch,
+    }
+
+
+def _evaluate_into(run: _Run, entry: dict[str, Any], progress: bool) -> None:
+    """Validation loss and metric into ``entry``; track the best epoch."""
+    metrics = evaluate_model(
+        run.model,
+        run.val_set,
+        flip_test=run.cfg.flip_test,
+        batch_size=run.recipe.batch_size,
+        device=run.device,
+        progress=progress,
+    )
+    entry["val_loss"] = metrics.pop("loss")
+    entry.update({k: v for k, v in metrics.items() if k != "samples"})
+    if run.best is None or entry[run.metric] > run.best:
+        run.best, run.best_epoch = entry[run.metric], entry["epoch"]
+
+
+def _save_epoch(run: _Run, entry: dict[str, Any]) -> None:
+    """Rank 0: last.pt (and best.pt), one metrics line, the plot, one log line."""
+    ckpt = _checkpoint(run, entry)
+    save_atomic(ckpt, run.last_path)
+    if run.best_epoch == entry["epoch"]:
+        save_atomic(ckpt, run.out / "best.pt")
+    with run.metrics_path.open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    plot_history(run.history, run.out / "training.png", run.metric)
+    metric = run.metric
+    shown = f" val {metric} {entry[metric]:.2f} (best {run.best:.2f} @ {run.best_epoch})" if metric in entry else ""
+    run.say(
+        f"epoch {entry['epoch']}/{run.recipe.epochs} loss {entry['train_loss']:.6f}{shown} lr {entry['lr']:.2e} "
+        f"skipped {entry['skipped']} {entry['time_s']:.1f}s" + (" [time budget reached]" if entry["partial"] else "")
+    )
+
+
+def _run_epoch(run: _Run, epoch: int, *, clock, deadline: float | None, progress: bool, last: bool) -> dict[str, Any]:
+    """Train one epoch on every rank; rank 0 evaluates (when due or ``last``) and saves. Returns the entry."""
+    epoch_start = time.time()
+    run.sampler.set_epoch(epoch)
+    run.train_set.set_epoch(epoch)
+    stats = train_one_epoch(
+        run.train_model or run.model,
+        run.loader,
+        run.optimizer,
+        scheduler=run.scheduler,
+        device=run.device,
+        epoch=epoch,
+        deadline=deadline,
+        clock=clock,
+        progress=progress,
+    )
+    skipped = stats["skipped"]
+    if run.world > 1:
+        counts = torch.tensor([float(skipped), stats["loss"] * stats["samples"], float(stats["samples"])])
+        dist.all_reduce(counts)
+        skipped, stats["loss"] = int(counts[0]), float(counts[1] / max(1.0, counts[2]))
+    entry: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train_loss": stats["loss"],
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "skipped": skipped,
+        "partial": stats["stopped"],
+    }
+    if run.is_main:
+        if (epoch + 1) % max(1, run.cfg.eval_every) == 0 or last or stats["stopped"]:
+            _evaluate_into(run, entry, progress)
+        entry["time_s"] = round(time.time() - epoch_start, 2)
+        run.history.append(entry)
+        _save_epoch(run, entry)
+    if run.world > 1:
+        dist.barrier()
+    return entry
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    until_epoch: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg.arch`` on ``cfg.data`` into ``out``; returns a summary (best metric, epochs, paths, skipped images).
+
+    ``resume`` continues from ``out/last.pt``; ``until_epoch`` stops this invocation after that epoch
+    while the schedule still follows ``cfg.epochs`` (training in stages); ``log`` receives rank 0's
+    progress lines (default: stderr).
+    """
+    cfg.validate()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    start_time, start_cpu = time.time(), time.process_time()
+    clock, deadline = _deadline(cfg)
+    rank, world, dev = _setup_distributed(cfg.device)
+    progress = progress and rank == 0
+    run = _build_run(cfg, Path(out), rank, world, dev, resume, log)
+    if resume:
+        _resume(run)
+    if run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        run.metrics_path.write_text("".join(json.dumps(h) + "\n" for h in run.history))
+    run.train_model = run.model
+    if world > 1:
+        device_ids = [dev.index] if dev.type == "cuda" else None
+        run.train_model = nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids)
+    recipe = run.recipe
+    run.say(
+        f"training {cfg.arch} on {cfg.data}: {len(run.train_set)} train / {len(run.val_set)} val samples, input "
+        f"{run.input_hw[0]}x{run.input_hw[1]}, {recipe.epochs} epochs, batch {recipe.batch_size} ({world} "
+        f"process(es)), lr {recipe.lr:g}, milestones {list(recipe.milestones)}, warm-up {recipe.warmup_iters} "
+        f"iters, device {dev}"
+    )
+    total_skipped = sum(h.get("skipped", 0) for h in run.history)
+    epochs_run, stopped = run.start_epoch, False
+    for epoch in range(run.start_epoch, recipe.epochs):
+        final = epoch + 1 == recipe.epochs or (until_epoch is not None and epoch + 1 >= until_epoch)
+        entry = _run_epoch(run, epoch, clock=clock, deadline=deadline, progress=progress, last=final)
+        total_skipped += entry["skipped"]
+        epochs_run, stopped = epoch + 1, entry["partial"]
         if stopped or (until_epoch is not None and epoch + 1 >= until_epoch):
             break
     if world > 1:
         dist.barrier()
     return {
-        "out": str(out),
-        "arch": str(arch),
-        "data": data,
-        "epochs_run": (epoch + 1) if recipe.epochs > start_epoch else start_epoch,
+        "out": str(run.out),
+        "arch": str(cfg.arch),
+        "data": cfg.data,
+        "epochs_run": epochs_run,
         "epochs": recipe.epochs,
-        "metric": metric,
-        "best": best,
-        "best_epoch": best_epoch,
-        "last": history[-1] if history else None,
+        "metric": run.metric,
+        "best": run.best,
+        "best_epoch": run.best_epoch,
+        "last": run.history[-1] if run.history else None,
         "skipped_images": total_skipped,
         "stopped_by_time_budget": stopped,
         "seconds": round(time.time() - start_time, 1),
@@ -410,98 +538,5 @@ def train(
     }
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("arch", metavar="ARCH", help="a preset, a baseline or an arch-spec JSON file")
-    parser.add_argument("--data", required=True, metavar="SPEC", help=SPEC_HELP)
-    parser.add_argument(
-        "--out", required=True, metavar="DIR", help="run folder (last.pt, best.pt, metrics.jsonl, training.png)"
-    )
-    parser.add_argument("--epochs", type=int, help="default: 200 (mpii), 240 (coco), 30 (synthetic)")
-    parser.add_argument("--batch-size", type=int, help="global batch size (default 32; coco 128)")
-    parser.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
-    parser.add_argument(
-        "--input",
-        type=parse_hw,
-        help="input HxW (default coco 256x192, mpii 256x256, synthetic 128x96, synthetic-mpii 128x128)",
-    )
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, sample order and augmentation")
-    parser.add_argument("--max-minutes", type=float, help="stop (evaluate and save) once this much time has passed")
-    parser.add_argument("--max-cpu-minutes", type=float, help="the same budget in CPU time of this process")
-    parser.add_argument(
-        "--on-bad-image", choices=("fail", "skip"), default="fail", help="unreadable images: stop, or skip and count"
-    )
-    parser.add_argument("--color-order", choices=("RGB", "BGR"), help="channel order fed to the model (default RGB)")
-    parser.add_argument("--train-split", help="training split folder (default train2017 / train)")
-    parser.add_argument("--val-split", help="validation split folder (default val2017 / valid)")
-    parser.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    parser.add_argument("--flip-test", action="store_true", help="use the flip test in the per-epoch evaluation")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
-    parser.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    if args.workers < 0:
-        raise ValueError("--workers must be >= 0")
-    try:
-        summary = _train_from_args(args)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        if args.json:
-            print(json.dumps(summary))
-        else:
-            best = "n/a" if summary["best"] is None else f"{summary['best']:.2f}"
-            print(
-                f"done: {summary['epochs_run']} epochs, best {summary['metric']} {best} "
-                f"(epoch {summary['best_epoch']}), "
-                f"{summary['skipped_images']} unreadable images skipped; wrote {summary['out']}/last.pt, best.pt, "
-                "metrics.jsonl, training.png"
-            )
-    return 0
-
-
-def _train_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return train(
-        args.arch,
-        args.data,
-        args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        input_hw=args.input,
-        workers=args.workers,
-        resume=args.resume,
-        seed=args.seed,
-        max_minutes=args.max_minutes,
-        max_cpu_minutes=args.max_cpu_minutes,
-        on_bad_image=args.on_bad_image,
-        color_order=args.color_order,
-        eval_every=args.eval_every,
-        flip_test=args.flip_test,
-        device=args.device,
-        threads=args.threads,
-        splits=(args.train_split, args.val_split),
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pose.train`` (the torchrun entry): same arguments as ``effpose train``."""
-    parser = argparse.ArgumentParser(prog="python -m pose.train", description="train a pose network")
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cmd_train(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"pose.train: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the old torchrun entry point: say where it went instead of doing nothing
+    sys.exit("python -m pose.train is now `effpose train`; several processes: torchrun ... -m effpose train ARCH ...")

@@ -12,7 +12,7 @@ from effpose.cli import main
 from pose.data import build_dataset, make_loader
 from pose.data.mpii import load_gt_valid
 from pose.data.synthetic import generate_coco, generate_mpii
-from pose.train import train
+from pose.train import TrainConfig, train
 
 
 @pytest.fixture
@@ -84,24 +84,14 @@ def test_training_skips_and_counts_unreadable_images(coco_root, tmp_path):
     bad_samples = sum(1 for r in train_set.records if r.image == image)
     with pytest.raises(ValueError, match=f"image file {image} cannot be decoded"):
         train(
-            "mobilenetv2",
-            f"coco:{coco_root}",
+            TrainConfig("mobilenetv2", f"coco:{coco_root}", epochs=1, input_hw=(64, 48), batch_size=4),
             tmp_path / "fail",
-            epochs=1,
-            input_hw=(64, 48),
-            batch_size=4,
             progress=False,
         )
-    summary = train(
-        "mobilenetv2",
-        f"coco:{coco_root}",
-        tmp_path / "skip",
-        epochs=2,
-        input_hw=(64, 48),
-        batch_size=4,
-        on_bad_image="skip",
-        progress=False,
+    cfg = TrainConfig(
+        "mobilenetv2", f"coco:{coco_root}", epochs=2, input_hw=(64, 48), batch_size=4, on_bad_image="skip"
     )
+    summary = train(cfg, tmp_path / "skip", progress=False)
     assert summary["skipped_images"] == 2 * bad_samples
     lines = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [line["skipped"] for line in lines] == [bad_samples, bad_samples]

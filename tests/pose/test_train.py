@@ -18,9 +18,11 @@ from pose.checkpoint import load_checkpoint, load_model
 from pose.data import parse_spec
 from pose.data.synthetic import generate_coco
 from pose.loss import heatmap_loss
-from pose.train import Recipe, lr_factor, recipe_for, train
+from pose.train import Recipe, TrainConfig, lr_factor, recipe_for, train
 
-TINY = dict(input_hw=(64, 48), batch_size=8, progress=False)
+
+def tiny(arch: str, coco_root: Path, **fields) -> TrainConfig:
+    return TrainConfig(arch, f"coco:{coco_root}", input_hw=(64, 48), batch_size=8, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_recipes_and_schedule():
 
 def test_short_run_loss_falls_and_files_written(coco_root, tmp_path):
     out = tmp_path / "run"
-    summary = train("mobilenetv2", f"coco:{coco_root}", out, epochs=6, lr=2e-3, **TINY)
+    summary = train(tiny("mobilenetv2", coco_root, epochs=6, lr=2e-3), out, progress=False)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == list(range(1, 7))
     assert lines[-1]["train_loss"] < 0.7 * lines[0]["train_loss"]
@@ -65,14 +67,15 @@ def test_short_run_loss_falls_and_files_written(coco_root, tmp_path):
     assert ckpt["joints"] == 17 and {"optimizer", "scheduler", "rng"} <= set(ckpt)
     assert model(torch.zeros(1, 3, 64, 48)).shape == (1, 17, 16, 12)
     with pytest.raises(ValueError, match="already holds a training run"):
-        train("mobilenetv2", f"coco:{coco_root}", out, epochs=1, **TINY)
+        train(tiny("mobilenetv2", coco_root, epochs=1), out, progress=False)
 
 
 def test_resume_continues_exactly(coco_root, tmp_path):
-    straight = train("mobilenetv2", f"coco:{coco_root}", tmp_path / "a", epochs=3, eval_every=3, **TINY)
-    train("mobilenetv2", f"coco:{coco_root}", tmp_path / "b", epochs=3, eval_every=3, until_epoch=1, **TINY)
+    cfg = tiny("mobilenetv2", coco_root, epochs=3, eval_every=3)
+    straight = train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", until_epoch=1, progress=False)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
-    resumed = train("mobilenetv2", f"coco:{coco_root}", tmp_path / "b", epochs=3, eval_every=3, resume=True, **TINY)
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "a" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "last.pt")
     assert b["epoch"] == 3
@@ -84,9 +87,9 @@ def test_resume_continues_exactly(coco_root, tmp_path):
 
 
 def test_resume_rejects_another_architecture(coco_root, tmp_path):
-    train("mobilenetv2", f"coco:{coco_root}", tmp_path / "r", epochs=2, until_epoch=1, **TINY)
+    train(tiny("mobilenetv2", coco_root, epochs=2), tmp_path / "r", until_epoch=1, progress=False)
     with pytest.raises(ValueError, match="another architecture"):
-        train("efficientpose-a", f"coco:{coco_root}", tmp_path / "r", epochs=2, resume=True, **TINY)
+        train(tiny("efficientpose-a", coco_root, epochs=2), tmp_path / "r", resume=True, progress=False)
 
 
 def test_cli_train_json_and_time_budget(coco_root, tmp_path, capsys):
@@ -96,7 +99,7 @@ def test_cli_train_json_and_time_budget(coco_root, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["stopped_by_time_budget"] and summary["epochs_run"] == 1
     assert load_checkpoint(tmp_path / "t" / "last.pt")["epoch"] == 1
-    cpu = train("mobilenetv2", f"coco:{coco_root}", tmp_path / "c", epochs=50, max_cpu_minutes=1e-4, **TINY)
+    cpu = train(tiny("mobilenetv2", coco_root, epochs=50, max_cpu_minutes=1e-4), tmp_path / "c", progress=False)
     assert cpu["stopped_by_time_budget"] and cpu["epochs_run"] == 1
     assert main(["train", "nonet", "--data", f"coco:{coco_root}", "--out", str(tmp_path / "x")]) == 2
     assert "unknown architecture" in capsys.readouterr().err
@@ -105,7 +108,7 @@ def test_cli_train_json_and_time_budget(coco_root, tmp_path, capsys):
 def test_ddp_two_cpu_processes(coco_root, tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     out = tmp_path / "ddp"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pose.train", "mobilenetv2"]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "effpose", "train", "mobilenetv2"]
     cmd += ["--data", f"coco:{coco_root}", "--out", str(out), "--epochs", "2", "--input", "64x48"]
     cmd += ["--batch-size", "8", "--device", "cpu", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
