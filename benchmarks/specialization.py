@@ -41,25 +41,24 @@ import numpy as np
 import torch
 from common import (
     RESULTS_DIR,
+    agent_process,
     format_table,
     interleaved_timing,
     machine_info,
     machine_summary,
     ort_cpu_runner,
-    stats_dict,
+    ort_session,
     torch_cpu_runner,
     write_results,
 )
 
 from lut_service.client import AgentClient
-from lut_service.local import LocalAgent
 from lut_service.lut import LutTable, save_document
-from lut_service.timing import ort_session
 from pose.counting import count
 from pose.data import parse_spec
 from pose.export import export_onnx
 from pose.models import PRESETS, build_model
-from pose.space import ArchSpec, TableSpec, parse_hw
+from pose.space import ArchSpec, parse_hw
 
 BACKENDS = ("onnxruntime-cpu", "torch-cpu")
 COSTS = ("flops", "lut:onnxruntime-cpu", "lut:torch-cpu")  # cost-table names the search gives them
@@ -163,14 +162,18 @@ def build_luts(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     """One agent, fresh DB; both LUTs through the real client; saved as files the search reads."""
     luts: dict[str, dict] = {}
     budget = QUICK_BUDGET if args.quick else None
-    with LocalAgent(work / "agent.db") as agent:
+    with agent_process(work / "agent.db") as agent:
         with AgentClient(agent.url, cache_dir=work / "client-cache") as client:
             for backend in BACKENDS:
                 say(f"[lut] {backend}: requesting the {args.space} space at {args.input_hw[0]}x{args.input_hw[1]} ...")
                 t0 = time.perf_counter()
                 doc = client.request_lut(
-                    TableSpec(args.space, args.input_hw, joints=args.joints),
+                    args.space,
                     backend,
+                    batch=1,
+                    threads=1,
+                    input_hw=args.input_hw,
+                    joints=args.joints,
                     budget=budget,
                     progress=not args.no_progress,
                     poll_s=0.2,
@@ -300,7 +303,7 @@ def measure_latency(args: argparse.Namespace, archs: dict[str, ArchSpec], work: 
     )
     out: dict[str, dict] = {}
     for (name, backend), label in labels.items():
-        out.setdefault(name, {})[backend] = stats_dict(stats[label])
+        out.setdefault(name, {})[backend] = stats[label].to_dict()
     return out
 
 
@@ -403,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             "ops": list(arch.ops),
             "params": counts.params,
             "gflops_paper": round(counts.gflops_paper, 4),
-            "lut_ort_cpu_ms": round(tables["onnxruntime-cpu"].predict(arch), 3),
-            "lut_torch_cpu_ms": round(tables["torch-cpu"].predict(arch), 3),
+            "lut_ort_cpu_ms": round(tables["onnxruntime-cpu"].predict(arch, args.input_hw, args.joints, 1), 3),
+            "lut_torch_cpu_ms": round(tables["torch-cpu"].predict(arch, args.input_hw, args.joints, 1), 3),
             "ort_cpu_ms": round(latency[name]["onnxruntime-cpu"]["median_ms"], 3),
             "torch_cpu_ms": round(latency[name]["torch-cpu"]["median_ms"], 3),
             "latency": latency[name],
