@@ -22,7 +22,7 @@ from pose.data.coco import load_coco_api, load_json
 from pose.data.dataset import PoseDataset, make_loader
 from pose.data.mpii import MpiiGroundTruth, load_gt_valid
 from pose.data.transforms import flip_back, transform_preds
-from pose.keypoints import COCO, MPII, MPII_MAT_NAMES, JointSet
+from pose.keypoints import COCO, MPII_MAT_NAMES
 from pose.loss import heatmap_loss
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
@@ -325,10 +325,6 @@ def evaluate_predictions(path: str | Path, dataset: PoseDataset) -> dict[str, fl
     except ValueError as exc:
         raise ValueError(f"predictions file {path}: 'preds' is not a rectangular array of numbers") from exc
     return pckh(preds[..., :2] if preds.ndim == 3 else preds, mpii_ground_truth(dataset))
-
-
-def joint_set_of(dataset: PoseDataset) -> JointSet:
-    return COCO if dataset.kind == "coco" else MPII
 
 
 def save_predictions(path: str | Path, dataset: PoseDataset, prediction: dict[str, np.ndarray]) -> None:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pose.data.coco import load_json
 from pose.data.dataset import read_image
-from pose.data.transforms import box_to_center_scale, crop, normalize
+from pose.data.transforms import box_to_center_scale, crop, normalize_image
 from pose.evaluate import decode_heatmaps, run_model
 from pose.keypoints import JointSet, joint_set
 
@@ -136,7 +136,7 @@ def infer(
         for box in person_boxes:
             center, scale = box_to_center_scale(box[:4], input_hw)
             patch, _ = crop(np.ascontiguousarray(source), center, scale, 0.0, input_hw)
-            crops.append(normalize(patch, order))
+            crops.append(normalize_image(patch, order))
             centers.append(center)
             scales.append(scale)
         batch = torch.from_numpy(np.stack(crops))

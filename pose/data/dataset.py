@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from pose.data.targets import gaussian_targets
-from pose.data.transforms import crop, fliplr_joints, half_body, normalize
+from pose.data.transforms import crop, fliplr_joints, half_body, normalize_image
 from pose.keypoints import JointSet
 
 
@@ -154,7 +154,7 @@ class PoseDataset(Dataset):
             "joints_input": joints_in.astype(np.float32),
         }
         return (
-            torch.from_numpy(normalize(patch, self.color_order)),
+            torch.from_numpy(normalize_image(patch, self.color_order)),
             torch.from_numpy(target),
             torch.from_numpy(weight),
             meta,

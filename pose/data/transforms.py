@@ -128,7 +128,7 @@ def half_body(joints: np.ndarray, visible: np.ndarray, upper_body, input_hw: tup
     return center.astype(np.float32), scale
 
 
-def normalize(image: np.ndarray, color_order: str = "RGB") -> np.ndarray:
+def normalize_image(image: np.ndarray, color_order: str = "RGB") -> np.ndarray:
     """uint8 HxWx3 image in ``color_order`` -> float32 CHW normalised with ImageNet statistics."""
     mean, std = (MEAN_RGB, STD_RGB) if color_order == "RGB" else (MEAN_RGB[::-1], STD_RGB[::-1])
     out = (image.astype(np.float32) / 255.0 - mean) / std
