@@ -61,7 +61,10 @@ class MpiiGroundTruth:
 
 
 def _matlab_string(value) -> str:
-    """Unwrap MATLAB cell/char nesting as loadmat returns it (object arrays of 1-element arrays)."""
+    """Unwrap MATLAB cell/char nesting as loadmat returns it (object arrays of 1-element arrays).
+
+    The real file holds a 1x16 cell of 1x1 cells of char arrays; a plain cell of char arrays works too.
+    """
     while isinstance(value, np.ndarray):
         if value.size != 1:
             return "".join(str(v) for v in value.ravel())
@@ -69,7 +72,22 @@ def _matlab_string(value) -> str:
     return str(value)
 
 
+def _gt_array(mat: dict, key: str, lead: tuple[int, ...], path: Path) -> np.ndarray:
+    """``mat[key]`` as float64 of shape ``lead + (N,)``; MATLAB drops the trailing N when it is 1."""
+    if key not in mat:
+        raise ValueError(f"MPII ground-truth file {path} has no '{key}' field")
+    value = np.asarray(mat[key], dtype=np.float64)
+    if value.shape == lead:
+        value = value[..., None]
+    if value.shape[:-1] != lead:
+        expected = "x".join(map(str, lead))
+        raise ValueError(f"MPII ground-truth file {path}: '{key}' has shape {value.shape}, expected {expected}xN")
+    return value
+
+
 def load_gt_valid(path: str | Path) -> MpiiGroundTruth:
+    """Read the reference ``gt_valid.mat``: ``pos_gt_src`` 16x2xN and ``headboxes_src`` 2x2xN in 1-based
+    pixels, ``jnt_missing`` 16xN, ``dataset_joints`` the joint names (optional)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MPII ground-truth file {path} does not exist")
@@ -77,17 +95,19 @@ def load_gt_valid(path: str | Path) -> MpiiGroundTruth:
         mat = loadmat(str(path))
     except Exception as exc:  # scipy raises several types for damaged files
         raise ValueError(f"MPII ground-truth file {path} cannot be read: {exc}") from exc
-    for key in ("jnt_missing", "pos_gt_src", "headboxes_src"):
-        if key not in mat:
-            raise ValueError(f"MPII ground-truth file {path} has no '{key}' field")
+    missing = _gt_array(mat, "jnt_missing", (16,), path)
+    pos = _gt_array(mat, "pos_gt_src", (16, 2), path)
+    heads = _gt_array(mat, "headboxes_src", (2, 2), path)
+    if not missing.shape[-1] == pos.shape[-1] == heads.shape[-1]:
+        raise ValueError(
+            f"MPII ground-truth file {path}: jnt_missing, pos_gt_src and headboxes_src hold "
+            f"{missing.shape[-1]}, {pos.shape[-1]} and {heads.shape[-1]} samples"
+        )
     names = MPII_MAT_NAMES
     if "dataset_joints" in mat:
         names = tuple(_matlab_string(n) for n in np.ravel(mat["dataset_joints"]))
         if sorted(names) != sorted(MPII_MAT_NAMES):
             raise ValueError(f"MPII ground-truth file {path}: dataset_joints {names} are not the 16 MPII joints")
-    pos = np.asarray(mat["pos_gt_src"], dtype=np.float64).reshape(16, 2, -1)
-    missing = np.asarray(mat["jnt_missing"]).reshape(16, -1)
-    heads = np.asarray(mat["headboxes_src"], dtype=np.float64).reshape(2, 2, -1)
     return MpiiGroundTruth(
         joints=pos.transpose(2, 0, 1),
         missing=missing.T.astype(bool),
