@@ -127,7 +127,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``lut`` and its subcommands to the ``effpose`` parser."""
-    from lut_service.profilers import BACKENDS
+    from lut_service.timing import BACKENDS
 
     lut = commands.add_parser("lut", help="profiler agent and latency lookup tables")
     sub = lut.add_subparsers(dest="lut_command", required=True, metavar="SUBCOMMAND")

@@ -12,17 +12,14 @@ layer, head) are timed inside the network: onnxruntime's per-node profiler (node
 module path, e.g. ``/layers.3/...``), torch forward hooks on the runner's clock. Separately, the whole
 network is timed end to end with the same harness, clock and interleaving as ``POST /v1/networks``.
 Each network's part times are scaled so that they sum to its end-to-end time minus the per-call
-overhead (timed on its own with ``profilers.overhead_probe``), which removes the profiler's own cost
+overhead (timed on its own with ``timing.overhead_probe``), which removes the profiler's own cost
 and the wall-clock inflation of per-node times on a loaded machine. A layer key shared by several
 layers (same shapes) pools their samples; stem and head pool all uniform networks.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
-from lut_service.profilers import Timing, _random_input, _timer, clock_name, ort_session_options, summarize
 from lut_service.settings import Budget
+from lut_service.timing import Runner, Timing, TorchCpuRunner, interleaved_samples, make_runner, timing_stats
 from pose.space import MBCONV_OPS, ArchSpec, SearchSpace, head_key, layer_key, stem_key
 
 CONTEXT_BACKENDS: tuple[str, ...] = ("torch-cpu", "onnxruntime-cpu")
@@ -91,147 +87,30 @@ def _part_of(name: str) -> str:
     return "stem" if name.startswith("/stem/") else "head"
 
 
-class PartRunner:
-    """A whole network on one backend: ``run(calls)`` times it end to end (as ``profilers.Runner``),
-    ``parts(rounds)`` returns per-part times (ms) of ``rounds`` instrumented calls."""
-
-    def run(self, calls: int = 1) -> float:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def parts(self, rounds: int) -> list[dict[str, float]]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class TorchPartRunner(PartRunner):
-    """torch eager; parts timed by forward pre/post hooks on ``stem``, each ``layers[i]`` and ``head``."""
-
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], threads: int, clock: str) -> None:
-        torch.set_num_threads(threads)
-        self.model = model.eval()
-        self.x = _random_input(input_shape)
-        self.now = _timer(clock)
-
-    def run(self, calls: int = 1) -> float:
-        model, x, now = self.model, self.x, self.now
-        with torch.inference_mode():
-            start = now()
-            for _ in range(calls):
-                model(x)
-            return (now() - start) / 1e6 / calls
-
-    def parts(self, rounds: int) -> list[dict[str, float]]:
-        now = self.now
-        current: dict[str, float] = {}
-        started: dict[str, int] = {}
-        handles = []
-        named = [("stem", self.model.stem), ("head", self.model.head)]
-        named += [(f"layers.{i}", layer) for i, layer in enumerate(self.model.layers)]
-        for name, module in named:
-
-            def pre(_m: nn.Module, _a: object, name: str = name) -> None:
-                started[name] = now()
-
-            def post(_m: nn.Module, _a: object, _o: object, name: str = name) -> None:
-                current[name] = current.get(name, 0.0) + (now() - started[name]) / 1e6
-
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(post))
-        out = []
-        try:
-            with torch.inference_mode():
-                for _ in range(rounds):
-                    current = {}
-                    self.model(self.x)
-                    out.append(current)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return out
-
-    def close(self) -> None:
-        del self.model, self.x
-
-
-class OrtPartRunner(PartRunner):
-    """onnxruntime: the network exported once; one plain session (IO binding, as ``profilers.OrtRunner``)
-    and one with per-node profiling for the parts."""
-
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], threads: int, workdir: Path, clock: str) -> None:
-        import onnxruntime as ort
-
-        from pose.export import export_onnx
-
-        batch, channels, h, w = input_shape
-        torch.set_num_threads(1)  # export on one torch thread (see profilers.OrtRunner)
-        fd, name = tempfile.mkstemp(suffix=".onnx", dir=workdir)
-        os.close(fd)
-        path = Path(name)
-        self.workdir = workdir
-        try:
-            export_onnx(model.eval(), path, (h, w), batch, channels=channels)
-            providers = ["CPUExecutionProvider"]
-            self.session = ort.InferenceSession(str(path), ort_session_options(threads), providers=providers)
-            options = ort_session_options(threads)
-            options.enable_profiling = True
-            options.profile_file_prefix = str(workdir / f"profile-{path.stem}")
-            self.profiled = ort.InferenceSession(str(path), options, providers=providers)
-        finally:
-            path.unlink(missing_ok=True)
-        x = _random_input(input_shape).numpy()
-        self.now = _timer(clock)
-        self.binding = self.session.io_binding()
-        self.x = ort.OrtValue.ortvalue_from_numpy(x, "cpu", 0)
-        out_shape = self.session.get_outputs()[0].shape
-        self.y = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32, "cpu", 0)
-        self.binding.bind_ortvalue_input(self.session.get_inputs()[0].name, self.x)
-        self.binding.bind_ortvalue_output(self.session.get_outputs()[0].name, self.y)
-        self.pbinding = self.profiled.io_binding()
-        self.pbinding.bind_ortvalue_input(self.profiled.get_inputs()[0].name, self.x)
-        self.pbinding.bind_ortvalue_output(self.profiled.get_outputs()[0].name, self.y)
-
-    def run(self, calls: int = 1) -> float:
-        session, binding, now = self.session, self.binding, self.now
-        start = now()
-        for _ in range(calls):
-            session.run_with_iobinding(binding)
-        return (now() - start) / 1e6 / calls
-
-    def parts(self, rounds: int) -> list[dict[str, float]]:
-        for _ in range(rounds):
-            self.profiled.run_with_iobinding(self.pbinding)
-        path = Path(self.profiled.end_profiling())
-        try:
-            events = json.loads(path.read_text())
-        finally:
-            path.unlink(missing_ok=True)
-        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
-        starts = np.array([a for a, _ in runs])
-        out: list[dict[str, float]] = [defaultdict(float) for _ in runs]
-        for event in events:
-            name = event.get("name", "")
-            if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
-                continue
-            i = int(np.searchsorted(starts, event["ts"], side="right")) - 1
-            if 0 <= i < len(runs) and event["ts"] <= runs[i][1]:
-                out[i][_part_of(name)] += event["dur"] / 1000.0
-        return [dict(parts) for parts in out]
-
-    def close(self) -> None:
-        del self.binding, self.pbinding, self.session, self.profiled, self.x, self.y
-
-
 def make_part_runner(
     backend: str, model: nn.Module, input_shape: tuple[int, ...], threads: int, workdir: Path, clock: str
-) -> PartRunner:
+) -> Runner:
+    """A whole network on a CPU backend: ``run(calls)`` times it end to end, ``part_times`` its parts."""
     if backend not in CONTEXT_BACKENDS:
         raise ValueError(f"in-context measurement supports {', '.join(CONTEXT_BACKENDS)}, not {backend!r}")
-    timer = clock if clock in ("thread-cpu", "wall") else clock_name(backend, threads, clock)
-    if backend == "torch-cpu":
-        return TorchPartRunner(model, input_shape, threads, timer)
-    return OrtPartRunner(model, input_shape, threads, workdir, timer)
+    return make_runner(backend, model, input_shape, threads, workdir, clock, profile=True)
+
+
+def part_times(runner: Runner, rounds: int) -> list[dict[str, float]]:
+    """Milliseconds of each part (``stem``, ``layers.i``, ``head``) in each of ``rounds`` instrumented calls
+    of a ``make_part_runner`` network: torch forward hooks, or onnxruntime's per-node profiler (once)."""
+    if isinstance(runner, TorchCpuRunner):
+        model = runner.module
+        modules = {"stem": model.stem, "head": model.head}
+        modules |= {f"layers.{i}": layer for i, layer in enumerate(model.layers)}
+        return runner.module_times(modules, rounds)
+    out = []
+    for nodes in runner.node_times(rounds):
+        parts: dict[str, float] = defaultdict(float)
+        for name, ms in nodes.items():
+            parts[_part_of(name)] += ms
+        out.append(dict(parts))
+    return out
 
 
 def measure_in_context(
@@ -249,48 +128,100 @@ def measure_in_context(
 ) -> dict[str, Timing] | None:
     """Timing (overhead excluded) of every key the ``nets`` cover; None when stopped.
 
-    End-to-end samples of all networks are interleaved (``worker.interleaved_samples``, the harness of
+    End-to-end samples of all networks are interleaved (``timing.interleaved_samples``, the harness of
     ``POST /v1/networks``); then instrumented rounds run round-robin across the networks until every
     network has ``budget.min_samples`` rounds and the time cap (``budget.max_seconds`` per key) is spent,
     at most ``budget.max_samples`` rounds.
     """
-    from lut_service.worker import interleaved_samples
-    from pose.models import PoseNet
-
-    runners: list[PartRunner] = []
+    stop = should_stop or (lambda: False)
+    runners = _part_runners(backend, nets, joints, input_shape, threads, workdir, clock, stop, progress)
+    if runners is None:
+        return None
     try:
-        for i, net in enumerate(nets):
-            if should_stop is not None and should_stop():
-                return None
-            runners.append(make_part_runner(backend, PoseNet(net.arch, joints), input_shape, threads, workdir, clock))
-            if progress is not None:
-                progress(i + 1)
         totals = interleaved_samples([r.run for r in runners], budget, should_stop)
         if totals is None:
             return None
         keys = {key for net in nets for key in net.parts.values()} | {"head"}
         cap = budget.max_seconds * len(keys) / 2  # seconds for all instrumented calls together
-        rounds: list[list[dict[str, float]]] = [[] for _ in runners]
-        if backend == "torch-cpu":  # hooks: one instrumented call per network per round, round-robin
-            start = time.perf_counter()
-            while True:
-                for i, runner in enumerate(runners):
-                    rounds[i].extend(runner.parts(2)[1:])  # the first call re-warms after the other networks
-                n = len(rounds[0])
-                if should_stop is not None and should_stop():
-                    return None
-                if n >= budget.max_samples or (n >= budget.min_samples and time.perf_counter() - start >= cap):
-                    break
-        else:  # one profiling session per network: its calls run back to back, as many as fit in the cap
-            for i, runner in enumerate(runners):
-                if should_stop is not None and should_stop():
-                    return None
-                per_call_s = max(float(np.median(totals[i])), 0.01) / 1e3
-                calls = int(min(budget.max_samples, max(budget.min_samples, cap / len(runners) / per_call_s)))
-                rounds[i] = runner.parts(calls + 1)[1:]  # the first profiled call warms that session up
+        if backend == "torch-cpu":
+            rounds = _hook_rounds(runners, budget, cap, stop)
+        else:
+            rounds = _profiled_rounds(runners, totals, budget, cap, stop)
+        if rounds is None:
+            return None
     finally:
-        for runner in runners:
-            runner.close()
+        _close(runners)
+    return _attribute(nets, totals, rounds, overhead_ms)
+
+
+def _part_runners(
+    backend: str,
+    nets: list[ContextNet],
+    joints: int,
+    input_shape: tuple[int, int, int, int],
+    threads: int,
+    workdir: Path,
+    clock: str,
+    stop: Callable[[], bool],
+    progress: Callable[[int], None] | None,
+) -> list[Runner] | None:
+    """One ``make_part_runner`` per network; None (nothing left open) when stopped."""
+    from pose.models import PoseNet
+
+    runners: list[Runner] = []
+    try:
+        for i, net in enumerate(nets):
+            if stop():
+                _close(runners)
+                return None
+            runners.append(make_part_runner(backend, PoseNet(net.arch, joints), input_shape, threads, workdir, clock))
+            if progress is not None:
+                progress(i + 1)
+    except BaseException:
+        _close(runners)
+        raise
+    return runners
+
+
+def _close(runners: list[Runner]) -> None:
+    for runner in runners:
+        runner.close()
+
+
+def _hook_rounds(
+    runners: list[Runner], budget: Budget, cap: float, stop: Callable[[], bool]
+) -> list[list[dict[str, float]]] | None:
+    """torch hooks: one instrumented call per network per round, round-robin, until the cap is spent."""
+    rounds: list[list[dict[str, float]]] = [[] for _ in runners]
+    start = time.perf_counter()
+    while True:
+        for i, runner in enumerate(runners):
+            rounds[i].extend(part_times(runner, 2)[1:])  # the first call re-warms after the other networks
+        n = len(rounds[0])
+        if stop():
+            return None
+        if n >= budget.max_samples or (n >= budget.min_samples and time.perf_counter() - start >= cap):
+            return rounds
+
+
+def _profiled_rounds(
+    runners: list[Runner], totals: list[list[float]], budget: Budget, cap: float, stop: Callable[[], bool]
+) -> list[list[dict[str, float]]] | None:
+    """One profiling session per network: its calls run back to back, as many as fit in its share of the cap."""
+    rounds = []
+    for runner, total in zip(runners, totals, strict=True):
+        if stop():
+            return None
+        per_call_s = max(float(np.median(total)), 0.01) / 1e3
+        calls = int(min(budget.max_samples, max(budget.min_samples, cap / len(runners) / per_call_s)))
+        rounds.append(part_times(runner, calls + 1)[1:])  # the first profiled call warms that session up
+    return rounds
+
+
+def _attribute(
+    nets: list[ContextNet], totals: list[list[float]], rounds: list[list[dict[str, float]]], overhead_ms: float
+) -> dict[str, Timing]:
+    """Scale each network's part times to its end-to-end median minus the overhead; pool them per key."""
     occurrences: dict[str, list[Timing]] = defaultdict(list)
     for net, total, net_rounds in zip(nets, totals, rounds, strict=True):
         medians = {part: float(np.median([r.get(part, 0.0) for r in net_rounds])) for part in net_rounds[0]}
@@ -298,7 +229,7 @@ def measure_in_context(
         scale = max(float(np.median(total)) - overhead_ms, 0.0) / attributed if attributed > 0 else 1.0
         for part in net_rounds[0]:
             key = net.parts.get(part, part)  # "head" stays "head" until the caller names it
-            occurrences[key].append(summarize([scale * r.get(part, 0.0) for r in net_rounds]))
+            occurrences[key].append(timing_stats([scale * r.get(part, 0.0) for r in net_rounds]))
     return {key: _combine(timings) for key, timings in occurrences.items()}
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from lut_service.models import ACTIVE_STATES, Device, Job, Lut, Measurement
-from lut_service.profilers import Timing
+from lut_service.timing import Timing
 
 MEASUREMENT_FIELDS = ("median_ms", "p10_ms", "p90_ms", "iqr_ms", "samples", "raw_median_ms", "overhead_ms")
 

@@ -83,9 +83,9 @@ def fingerprint() -> dict[str, Any]:
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
         info["driver"] = _nvidia_driver()
-    from lut_service.profilers import allocator_description
+    from lut_service.timing import allocator_description
 
-    info["allocator"] = allocator_description()  # the agent's worker applies it (profilers.tune_allocator)
+    info["allocator"] = allocator_description()  # the agent's worker applies it (timing.tune_allocator)
     return info
 
 

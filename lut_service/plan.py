@@ -55,7 +55,7 @@ def plan_entries(
             lambda: PoseHead(space.out_channels, joints, head_widths, head_style, sic),
             (batch, space.out_channels, out_h, out_w),
         ),
-        # The overhead entry is timed with ``profilers.overhead_probe`` for the backend at hand.
+        # The overhead entry is timed with ``timing.overhead_probe`` for the backend at hand.
         overhead_key(input_hw, batch): PlannedEntry(
             overhead_key(input_hw, batch), "overhead", nn.Identity, (batch, 3, *input_hw)
         ),

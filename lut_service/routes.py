@@ -18,7 +18,6 @@ from lut_service import crud
 from lut_service.db import session_scope
 from lut_service.models import Job, Lut
 from lut_service.plan import largest_activation, largest_weight, lut_keys
-from lut_service.profilers import BACKENDS, clock_name, unavailable_reason
 from lut_service.schemas import (
     DeviceInfo,
     ErrorMessage,
@@ -31,6 +30,7 @@ from lut_service.schemas import (
     NetworksRequest,
 )
 from lut_service.settings import Settings
+from lut_service.timing import BACKENDS, clock_name, unavailable_reason
 from pose.space import SPACES, ArchSpec, SearchSpace, SpaceSpec, get_space
 
 router = APIRouter(prefix="/v1")

@@ -7,7 +7,6 @@ as soon as it is measured, so an agent stopped or killed mid-job resumes from th
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import tempfile
 import threading
@@ -23,8 +22,16 @@ from lut_service.context import CONTEXT_BACKENDS, context_lut
 from lut_service.db import session_scope
 from lut_service.models import Job, Lut
 from lut_service.plan import PlannedEntry, plan_entries
-from lut_service.profilers import Timing, make_runner, measure, overhead_probe, summarize, tune_allocator
 from lut_service.settings import Budget
+from lut_service.timing import (
+    Timing,
+    interleaved_samples,
+    make_runner,
+    measure,
+    overhead_probe,
+    timing_stats,
+    tune_allocator,
+)
 from pose.space import ArchSpec, get_space
 
 log = logging.getLogger("lut_service.worker")
@@ -93,7 +100,7 @@ class Worker:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        tune_allocator()  # deterministic malloc for torch-cpu timings (profilers.ALLOCATOR_SETTINGS)
+        tune_allocator()  # deterministic malloc for torch-cpu timings (timing.ALLOCATOR_SETTINGS)
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="lut-profiler", daemon=True)
         self._thread.start()
@@ -295,7 +302,7 @@ class Worker:
                 return
             if samples is None:
                 return
-            latencies = [vars(summarize(values)) for values in samples]
+            latencies = [vars(timing_stats(values)) for values in samples]
             with session_scope(self.factory) as session:
                 job = session.get(Job, job_id)
                 job.result = {"clock": payload["clock"], "latencies": latencies}
@@ -347,42 +354,3 @@ def _checked(run: Callable[[int], float], check: Callable[[], None]) -> Callable
         return run(calls)
 
     return checked
-
-
-def interleaved_samples(
-    runs: list[Callable[[int], float]], budget: Budget, should_stop: Callable[[], bool] | None = None
-) -> list[list[float]] | None:
-    """Round-robin timing of several callables (alternating direction each round; each sample follows one
-    untimed call, so it measures the warm steady state of back-to-back inference, as the LUT entries do,
-    not the cold caches another network left behind) until every one has
-    ``min_samples`` and IQR/median under target, ``max_samples`` rounds, or the time cap
-    (``max_seconds`` per callable) is reached. None when stopped."""
-    for run in runs:  # warm-up, and the back-to-back calls per sample as in ``measure``
-        for _ in range(max(1, budget.warmup_runs)):
-            run(1)
-    calls = []
-    for run in runs:
-        per_call = min(run(1) for _ in range(2))
-        calls.append(max(1, min(10_000, math.ceil(budget.min_sample_ms / per_call))) if per_call > 0 else 1)
-    samples: list[list[float]] = [[] for _ in runs]
-    order = list(range(len(runs)))
-    cap = budget.max_seconds * len(runs) * 4
-    start = time.perf_counter()
-    rounds = 0
-    while True:
-        for i in order:
-            runs[i](1)  # untimed: the previous network evicted this one's weights; time the steady state
-            samples[i].append(runs[i](calls[i]))
-        order.reverse()
-        rounds += 1
-        if should_stop is not None and should_stop():
-            return None
-        if rounds >= budget.max_samples:
-            break
-        if rounds < budget.min_samples:
-            continue
-        if time.perf_counter() - start >= cap:
-            break
-        if all(summarize(values).rel_iqr < budget.target_rel_iqr for values in samples):
-            break
-    return samples

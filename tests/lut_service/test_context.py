@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lut_service.context import context_lut, context_nets, make_part_runner
+from lut_service.context import context_lut, context_nets, make_part_runner, part_times
 from lut_service.plan import plan_entries
-from lut_service.profilers import tune_allocator
 from lut_service.settings import Budget
+from lut_service.timing import tune_allocator
 from pose.models import PoseNet
 from pose.space import SMALL, get_space
 
@@ -29,7 +29,7 @@ def test_parts_are_attributed_to_stem_layers_and_head(backend, tmp_path):
     runner = make_part_runner(backend, PoseNet(net.arch, 16), (1, 3, 64, 64), 1, tmp_path, "auto")
     try:
         assert runner.run(2) > 0
-        rounds = runner.parts(3)
+        rounds = part_times(runner, 3)
     finally:
         runner.close()
     assert len(rounds) == 3

@@ -129,7 +129,7 @@ import sys
 from lut_service import crud
 from lut_service.db import init_db, make_engine, session_scope
 from lut_service.models import Job, Lut
-from lut_service.profilers import Timing
+from lut_service.timing import Timing
 
 sessions = init_db(make_engine(sys.argv[1]))
 start = int(sys.argv[2])

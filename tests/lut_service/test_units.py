@@ -1,4 +1,4 @@
-"""The agent's parts without HTTP: storage, fingerprint, profilers, LUT tables, client errors."""
+"""The agent's parts without HTTP: storage, fingerprint, timing, LUT tables, client errors."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from lut_service.fingerprint import device_id, fingerprint
 from lut_service.lut import LutTable, load_document, save_document, summarize
 from lut_service.models import Measurement
 from lut_service.plan import largest_activation, plan_entries
-from lut_service.profilers import Timing, available_backends, measure, measure_module
-from lut_service.profilers import summarize as summarize_timing
 from lut_service.settings import Budget, Settings
+from lut_service.timing import Timing, available_backends, measure, measure_module, timing_stats
 from pose.ops import make_op
 from pose.space import SMALL, arch_keys, get_space, overhead_key
 
@@ -115,7 +114,7 @@ def test_measure_stops_at_target_or_cap():
     values = iter([1.0, 3.0] * 1000)
     noisy = measure(lambda n: next(values), Budget(warmup_runs=0, warmup_s=0, min_samples=3, max_samples=40))
     assert noisy.samples == 40 and noisy.rel_iqr > 0.5
-    stats = summarize_timing([1, 2, 3, 4, 5])
+    stats = timing_stats([1, 2, 3, 4, 5])
     assert stats.median_ms == 3 and stats.iqr_ms == 2 and stats.samples == 5
 
 
