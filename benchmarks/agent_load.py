@@ -39,9 +39,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import RESULTS_DIR, agent_process, format_table, machine_summary, write_results
+from common import RESULTS_DIR, format_table, machine_summary, process_cpu_seconds, write_results
 
 from lut_service.client import AgentClient
+from lut_service.local import LocalAgent
 
 TARGET_P99_MS = 10.0
 # The load test needs a complete table of realistic size, not accurate numbers: time each entry briefly.
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     loops = {"closed": 0.0} | ({"paced": args.paced_rate} if args.paced_rate > 0 else {})
     phases: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="agent_load_") as tmp:
-        with agent_process(Path(tmp) / "agent.db", log_level=args.agent_log_level) as agent:
+        with LocalAgent(Path(tmp) / "agent.db", log_level=args.agent_log_level) as agent:
             t0 = time.perf_counter()
             with AgentClient(agent.url, cache_dir=Path(tmp) / "cache") as client:
                 doc = client.request_lut(args.space, args.backend, budget=FAST_BUDGET, poll_s=0.2)
@@ -274,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     pace = f"{rate:g} req/s each" if rate else "closed loop"
                     print(f"{loop}/{mode}: {args.clients} clients, {pace}, {args.seconds:g} s ...", file=sys.stderr)
-                    cpu0 = agent.cpu_seconds()
+                    cpu0 = process_cpu_seconds(agent.pid)
                     summary = run_async(run_phase(agent.url, phase, args.clients, args.seconds, args.client)).summary()
-                    agent_cpu = agent.cpu_seconds() - cpu0
+                    agent_cpu = process_cpu_seconds(agent.pid) - cpu0
                     summary["agent_cpu_share"] = round(agent_cpu / summary["seconds"], 3)
                     summary["agent_cpu_ms_per_request"] = round(1e3 * agent_cpu / max(summary["requests"], 1), 4)
                     phases[f"{loop}/{mode}"] = summary

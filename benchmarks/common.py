@@ -1,13 +1,14 @@
-"""Shared plumbing for the benchmark scripts: machine description, results files, interleaved timing.
+"""Shared plumbing for the benchmark scripts: machine description, results files, one-call runners.
 
 Scripts run as ``python benchmarks/NAME.py`` (the script's folder is then on ``sys.path``), so they
 import this module as ``from common import ...``.
 
-Timing follows REFERENCE §7: warm-up calls, many repeats, median with p10/p90 and IQR, fixed thread
-counts, random inputs, CUDA events (or a synchronize) around GPU work. Candidates are timed
-round-robin in a freshly shuffled order every round, so slow drift on a shared machine (another
-process waking up, thermal or frequency changes) hits every candidate alike instead of biasing
-whichever was measured last.
+Timing follows docs/design.md §5 and uses the project's one harness, ``lut_service.timing``: warm-up
+calls, many repeats, median with p10/p90 and IQR (``timing_stats``), fixed thread counts
+(``ort_session``), random inputs, CUDA events (or a synchronize) around GPU work. Candidates are timed
+round-robin in a freshly shuffled order every round (``shuffled_rounds``), so slow drift on a shared
+machine (another process waking up, thermal or frequency changes) hits every candidate alike instead
+of biasing whichever was measured last. The agent runs as ``lut_service.local.LocalAgent``.
 """
 
 from __future__ import annotations
@@ -15,24 +16,18 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import shlex
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-NOISY_IQR_OVER_MEDIAN = 0.1  # torch.utils.benchmark flags measurements at or above this spread
+from lut_service.timing import Timing, shuffled_rounds, timing_stats, wall_clock
 
-Runner = Callable[[], float]  # one timed call; returns elapsed milliseconds
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 # --------------------------------------------------------------------------- machine description
@@ -184,75 +179,35 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 # --------------------------------------------------------------------------- statistics and timing
 
 
-@dataclass
-class Stats:
-    """Summary of repeated timings in milliseconds."""
-
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    iqr_ms: float
-    mean_ms: float
-    samples: int
-
-    @property
-    def iqr_over_median(self) -> float:
-        return self.iqr_ms / self.median_ms if self.median_ms > 0 else float("inf")
-
-    @property
-    def noisy(self) -> bool:
-        return self.iqr_over_median >= NOISY_IQR_OVER_MEDIAN
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "iqr_over_median": round(self.iqr_over_median, 4)}
-
-
-def summarize(samples_ms: Sequence[float]) -> Stats:
-    if len(samples_ms) == 0:
-        raise ValueError("no timing samples to summarise")
-    a = np.asarray(samples_ms, dtype=np.float64)
-    p10, q1, median, q3, p90 = np.percentile(a, [10, 25, 50, 75, 90])
-    return Stats(float(median), float(p10), float(p90), float(q3 - q1), float(a.mean()), int(a.size))
+def stats_dict(timing: Timing) -> dict:
+    """A ``Timing`` as the results JSON stores it, with IQR/median (flagged noisy at >= 10 %)."""
+    return {**asdict(timing), "iqr_over_median": round(timing.rel_iqr, 4)}
 
 
 def interleaved_timing(
-    runners: dict[str, Runner],
+    runners: dict[str, Callable[[], float]],
     repeats: int,
     warmup: int = 3,
     max_seconds: float | None = None,
     min_repeats: int = 3,
     seed: int = 0,
     progress: bool = True,
-) -> dict[str, Stats]:
-    """Time every runner ``repeats`` times, one call of each per round, in a shuffled order per round.
+) -> dict[str, Timing]:
+    """``lut_service.timing.shuffled_rounds`` with a progress bar, summarised per runner.
 
-    ``max_seconds`` bounds the timed phase: rounds stop early once it is spent and every runner has
-    at least ``min_repeats`` samples. Each runner does its own setup outside the timed region and
-    returns the elapsed milliseconds of one call (see ``wall_clock``, ``torch_cpu_runner``, ...).
+    Every runner is called once per round in a shuffled order; ``max_seconds`` bounds the timed phase
+    once every runner has ``min_repeats`` samples. Each runner does its own setup outside the timed
+    region and returns the elapsed milliseconds of one call (see ``ort_cpu_runner``, ``torch_cpu_runner``, ...).
     """
-    if not runners:
-        raise ValueError("nothing to time")
-    names = list(runners)
-    for _ in range(warmup):
-        for name in names:
-            runners[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    rng = random.Random(seed)
     bar = _progress(repeats, "timing rounds") if progress else None
-    start = time.perf_counter()
-    for round_index in range(repeats):
-        order = names[:]
-        rng.shuffle(order)
-        for name in order:
-            samples[name].append(runners[name]())
+    try:
+        samples = shuffled_rounds(
+            runners, repeats, warmup, max_seconds, min_repeats, seed, (lambda: bar.update(1)) if bar else None
+        )
+    finally:
         if bar is not None:
-            bar.update(1)
-        spent = time.perf_counter() - start
-        if max_seconds is not None and spent > max_seconds and round_index + 1 >= min_repeats:
-            break
-    if bar is not None:
-        bar.close()
-    return {name: summarize(values) for name, values in samples.items()}
+            bar.close()
+    return {name: timing_stats(values) for name, values in samples.items()}
 
 
 def _progress(total: int, desc: str):
@@ -261,58 +216,19 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
 
 
-def wall_clock(fn: Callable[[], object], before: Callable[[], object] | None = None) -> Runner:
-    """Runner timing ``fn()`` with ``perf_counter``; ``before()`` runs untimed first (e.g. set threads)."""
-
-    def run() -> float:
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    return run
+# --------------------------------------------------------------------------- one-call runners
+# A user's view of one inference: ``session.run`` with a numpy feed on the CPU (not the agent's IO
+# binding), the thread count re-pinned before every torch call (interleaved candidates differ in it).
 
 
-# --------------------------------------------------------------------------- onnxruntime
-
-
-def ort_session(path: str | Path, threads: int = 1, device: str = "cpu", spinning: bool = True):
-    """An ORT session with a fixed intra-op thread count and sequential execution.
-
-    ``spinning`` is ORT's default (workers busy-wait briefly between ops). Turning it off makes
-    2-thread runs much slower here (e.g. efficientpose-a 12.3 ms instead of 6.9 ms: every op pays a
-    thread wake-up), so it stays on, as a user would run it; the spin after a run is short enough
-    not to disturb the next interleaved candidate.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError(
-                "onnxruntime-cuda needs onnxruntime-gpu with a CUDA GPU; this onnxruntime offers "
-                f"{ort.get_available_providers()}"
-            )
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def ort_cpu_runner(session, inputs: np.ndarray) -> Runner:
-    """Runner for one ORT CPU inference on a fixed random input."""
+def ort_cpu_runner(session, inputs: np.ndarray) -> Callable[[], float]:
+    """Runner for one ORT CPU inference on a fixed random input (a session from ``timing.ort_session``)."""
     name = session.get_inputs()[0].name
     feed = {name: np.ascontiguousarray(inputs, dtype=np.float32)}
     return wall_clock(lambda: session.run(None, feed))
 
 
-def ort_cuda_runner(session, inputs: np.ndarray) -> Runner:
+def ort_cuda_runner(session, inputs: np.ndarray) -> Callable[[], float]:
     """Runner for one ORT CUDA inference with input and output bound on the GPU (no host copies timed).
 
     ``run_with_iobinding`` synchronises the stream before returning, so wall-clock time is the GPU time.
@@ -327,10 +243,7 @@ def ort_cuda_runner(session, inputs: np.ndarray) -> Runner:
     return wall_clock(lambda: session.run_with_iobinding(binding))
 
 
-# --------------------------------------------------------------------------- torch
-
-
-def torch_cpu_runner(model, inputs, threads: int) -> Runner:
+def torch_cpu_runner(model, inputs, threads: int) -> Callable[[], float]:
     """Runner for one torch CPU forward under ``inference_mode`` with a fixed thread count.
 
     The thread count is (re)set before every call, outside the timed region, because it is
@@ -347,7 +260,7 @@ def torch_cpu_runner(model, inputs, threads: int) -> Runner:
     return wall_clock(forward, before=lambda: torch.set_num_threads(threads))
 
 
-def torch_cuda_runner(model, inputs) -> Runner:
+def torch_cuda_runner(model, inputs) -> Callable[[], float]:
     """Runner for one torch CUDA forward timed with CUDA events (model and inputs already on the GPU)."""
     import torch
 
@@ -387,79 +300,7 @@ def require_cuda(backend: str) -> None:
 # --------------------------------------------------------------------------- profiler agent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class AgentHandle:
-    """A running agent subprocess: its base URL, process id (for CPU accounting) and log file."""
-
-    url: str
-    pid: int
-    log_path: Path
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the agent process has used so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextmanager
-def agent_process(
-    db_path: str | Path,
-    port: int | None = None,
-    env: dict[str, str] | None = None,
-    log_path: str | Path | None = None,
-    start_timeout_s: float = 60.0,
-    log_level: str = "warning",
-) -> Iterator[AgentHandle]:
-    """Run ``effpose lut serve`` on 127.0.0.1 with a SQLite file as a subprocess; yield its handle.
-
-    The agent is a separate process, as in production, so the load generator or the benchmark's own
-    timing never shares its interpreter. Its output goes to ``log_path`` (or a temp file) and the tail
-    is shown if it fails to start. ``log_level`` defaults to ``warning``: uvicorn's per-request access
-    log (level ``info``) would otherwise be part of what a load test measures. The process is
-    terminated (then killed) on exit.
-    """
-    import httpx
-
-    port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "effpose", "lut", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--db", f"sqlite:///{Path(db_path).resolve()}", "--log-level", log_level]
-    log_file = Path(log_path) if log_path else Path(db_path).with_suffix(".agent.log")
-    with open(log_file, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        try:
-            deadline = time.monotonic() + start_timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"agent exited with code {proc.returncode}:\n{_tail(log_file)}")
-                try:
-                    httpx.get(f"{url}/openapi.json", timeout=2.0)
-                    break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"agent did not answer on {url} within {start_timeout_s:.0f} s:\n{_tail(log_file)}"
-                    )
-                time.sleep(0.2)
-            yield AgentHandle(url, proc.pid, log_file)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no agent log)"
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time process ``pid`` (e.g. ``LocalAgent.pid``) has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -20,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, agent_process, format_table, machine_summary, write_results
+from common import RESULTS_DIR, format_table, machine_summary, write_results
 
 from lut_service.client import AgentClient
+from lut_service.local import LocalAgent
 
 TARGET_SECONDS = 30.0
 TARGET_IQR_OVER_MEDIAN = 0.05
@@ -50,7 +51,7 @@ def build_one(backend: str, spaces: list[str], batch: int, threads: int, workdir
     workdir.mkdir(parents=True, exist_ok=True)
     per_space = {}
     entries: list[dict] = []
-    with agent_process(workdir / "agent.db") as agent:
+    with LocalAgent(workdir / "agent.db") as agent:
         with AgentClient(agent.url, cache_dir=workdir / "cache") as client:
             start = time.perf_counter()
             for space in spaces:

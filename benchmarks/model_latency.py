@@ -29,14 +29,15 @@ from common import (
     machine_summary,
     ort_cpu_runner,
     ort_cuda_runner,
-    ort_session,
     require_cuda,
+    stats_dict,
     torch_cpu_runner,
     torch_cuda_runner,
     write_results,
 )
 from tqdm import tqdm
 
+from lut_service.timing import ort_session
 from pose.counting import count
 from pose.export import export_onnx
 from pose.models import MODEL_NAMES, build_model
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         for cell in cells:
             s = stats[labels[(name, cell)]]
             entry[cell.key] = round(s.median_ms, 3)
-            entry["stats"][cell.key] = s.to_dict()
+            entry["stats"][cell.key] = stats_dict(s)
         models[name] = entry
     speed = speedups(models, cells)
     data = {

@@ -41,19 +41,20 @@ import numpy as np
 import torch
 from common import (
     RESULTS_DIR,
-    agent_process,
     format_table,
     interleaved_timing,
     machine_info,
     machine_summary,
     ort_cpu_runner,
-    ort_session,
+    stats_dict,
     torch_cpu_runner,
     write_results,
 )
 
 from lut_service.client import AgentClient
+from lut_service.local import LocalAgent
 from lut_service.lut import LutTable, save_document
+from lut_service.timing import ort_session
 from pose.counting import count
 from pose.data import parse_spec
 from pose.export import export_onnx
@@ -162,7 +163,7 @@ def build_luts(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     """One agent, fresh DB; both LUTs through the real client; saved as files the search reads."""
     luts: dict[str, dict] = {}
     budget = QUICK_BUDGET if args.quick else None
-    with agent_process(work / "agent.db") as agent:
+    with LocalAgent(work / "agent.db") as agent:
         with AgentClient(agent.url, cache_dir=work / "client-cache") as client:
             for backend in BACKENDS:
                 say(f"[lut] {backend}: requesting the {args.space} space at {args.input_hw[0]}x{args.input_hw[1]} ...")
@@ -303,7 +304,7 @@ def measure_latency(args: argparse.Namespace, archs: dict[str, ArchSpec], work: 
     )
     out: dict[str, dict] = {}
     for (name, backend), label in labels.items():
-        out.setdefault(name, {})[backend] = stats[label].to_dict()
+        out.setdefault(name, {})[backend] = stats_dict(stats[label])
     return out
 
 
