@@ -130,7 +130,7 @@ def train_one_epoch(
     device: str | torch.device = "cpu",
     epoch: int = 0,
     deadline: float | None = None,
-    clock=time.time,
+    clock: Callable[[], float] = time.time,
     progress: bool = True,
 ) -> dict[str, Any]:
     """One pass over ``loader`` (batches from ``pose.data.collate``); ``scheduler`` steps per iteration.
@@ -292,7 +292,15 @@ def _recipe(cfg: TrainConfig, spec: DataSpec) -> Recipe:
     return recipe
 
 
-def _build_run(cfg: TrainConfig, out: Path, rank: int, world: int, dev: torch.device, resume: bool, log) -> _Run:
+def _build_run(
+    cfg: TrainConfig,
+    out: Path,
+    rank: int,
+    world: int,
+    dev: torch.device,
+    resume: bool,
+    log: Callable[[str], None] | None,
+) -> _Run:
     """Data, model, optimizer, loader and schedule of a fresh run (resuming loads into them afterwards)."""
     if (out / "last.pt").exists() and not resume:
         raise ValueError(
@@ -431,7 +439,9 @@ def _save_epoch(run: _Run, entry: dict[str, Any]) -> None:
     )
 
 
-def _run_epoch(run: _Run, epoch: int, *, clock, deadline: float | None, progress: bool, last: bool) -> dict[str, Any]:
+def _run_epoch(
+    run: _Run, epoch: int, *, clock: Callable[[], float], deadline: float | None, progress: bool, last: bool
+) -> dict[str, Any]:
     """Train one epoch on every rank; rank 0 evaluates (when due or ``last``) and saves. Returns the entry."""
     epoch_start = time.time()
     run.sampler.set_epoch(epoch)
