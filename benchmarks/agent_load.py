@@ -43,6 +43,7 @@ from common import RESULTS_DIR, format_table, machine_summary, process_cpu_secon
 
 from lut_service.client import AgentClient
 from lut_service.local import LocalAgent
+from pose.space import TableSpec
 
 TARGET_P99_MS = 10.0
 # The load test needs a complete table of realistic size, not accurate numbers: time each entry briefly.
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         with LocalAgent(Path(tmp) / "agent.db", log_level=args.agent_log_level) as agent:
             t0 = time.perf_counter()
             with AgentClient(agent.url, cache_dir=Path(tmp) / "cache") as client:
-                doc = client.request_lut(args.space, args.backend, budget=FAST_BUDGET, poll_s=0.2)
+                doc = client.request_lut(TableSpec(args.space), args.backend, budget=FAST_BUDGET, poll_s=0.2)
             build_s = time.perf_counter() - t0
             first = httpx.get(f"{agent.url}/v1/luts/{doc['id']}", timeout=30)
             first.raise_for_status()

@@ -24,6 +24,7 @@ from common import RESULTS_DIR, format_table, machine_summary, write_results
 
 from lut_service.client import AgentClient
 from lut_service.local import LocalAgent
+from pose.space import TableSpec
 
 TARGET_SECONDS = 30.0
 TARGET_IQR_OVER_MEDIAN = 0.05
@@ -56,7 +57,8 @@ def build_one(backend: str, spaces: list[str], batch: int, threads: int, workdir
             start = time.perf_counter()
             for space in spaces:
                 t0 = time.perf_counter()
-                doc = client.request_lut(space, backend, batch=batch, threads=threads, poll_s=0.1)
+                spec = TableSpec(space, batch=batch, threads=threads)
+                doc = client.request_lut(spec, backend, poll_s=0.1)
                 per_space[space] = {"seconds": round(time.perf_counter() - t0, 2), "entries": len(doc["entries"])}
                 entries += doc["entries"]
             seconds = time.perf_counter() - start

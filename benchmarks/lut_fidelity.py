@@ -30,6 +30,7 @@ from common import RESULTS_DIR, format_table, machine_summary, write_results
 from lut_service.client import AgentClient
 from lut_service.local import LocalAgent
 from lut_service.lut import validate_on_agent
+from pose.space import TableSpec
 
 TARGETS = {  # (backend, threads, batch) -> {metric: minimum}, issue 6
     ("onnxruntime-cpu", 1, 1): {"within_5pct": 0.99, "kendall_tau": 0.95},
@@ -52,7 +53,8 @@ def target_status(cell: tuple[str, int, int], stats: dict) -> str:
 def run_cell(client: AgentClient, space: str, backend: str, threads: int, batch: int, samples: int, seed: int) -> dict:
     """One cell through ``lut_service.lut.validate_on_agent``, the code behind ``effpose lut validate``."""
     t0 = time.perf_counter()
-    report = validate_on_agent(client, space, backend, samples, seed, batch, threads, (256, 256), progress=True)
+    spec = TableSpec(space, (256, 256), batch, threads=threads)
+    report = validate_on_agent(client, spec, backend, samples, seed, progress=True)
     cell = (backend, threads, batch)
     archs = report.pop("archs")
     return {

@@ -59,7 +59,8 @@ def worker(
 
     from pose.loss import heatmap_loss
     from pose.models import PRESETS, PoseNet
-    from search.cost import HeadOptions, count_table
+    from pose.space import TableSpec
+    from search.cost import count_table
     from search.supernet import Supernet
 
     torch.set_num_threads(threads)
@@ -80,7 +81,7 @@ def worker(
     else:
         mode, phase = kind.split("-")
         net = Supernet(space, joints, mode=mode)
-        term_table = count_table("flops", net.space, input_hw, HeadOptions(joints))
+        term_table = count_table("flops", TableSpec(net.space, input_hw, joints=joints))
         opt_w = torch.optim.SGD(net.weight_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         opt_a = torch.optim.Adam(net.arch_parameters(), lr=3e-4)
         if phase == "arch":

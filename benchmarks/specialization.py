@@ -59,7 +59,7 @@ from pose.counting import count
 from pose.data import parse_spec
 from pose.export import export_onnx
 from pose.models import PRESETS, build_model
-from pose.space import ArchSpec, parse_hw
+from pose.space import ArchSpec, TableSpec, parse_hw
 
 BACKENDS = ("onnxruntime-cpu", "torch-cpu")
 COSTS = ("flops", "lut:onnxruntime-cpu", "lut:torch-cpu")  # cost-table names the search gives them
@@ -169,12 +169,8 @@ def build_luts(args: argparse.Namespace, work: Path) -> dict[str, dict]:
                 say(f"[lut] {backend}: requesting the {args.space} space at {args.input_hw[0]}x{args.input_hw[1]} ...")
                 t0 = time.perf_counter()
                 doc = client.request_lut(
-                    args.space,
+                    TableSpec(args.space, args.input_hw, joints=args.joints),
                     backend,
-                    batch=1,
-                    threads=1,
-                    input_hw=args.input_hw,
-                    joints=args.joints,
                     budget=budget,
                     progress=not args.no_progress,
                     poll_s=0.2,
@@ -407,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             "ops": list(arch.ops),
             "params": counts.params,
             "gflops_paper": round(counts.gflops_paper, 4),
-            "lut_ort_cpu_ms": round(tables["onnxruntime-cpu"].predict(arch, args.input_hw, args.joints, 1), 3),
-            "lut_torch_cpu_ms": round(tables["torch-cpu"].predict(arch, args.input_hw, args.joints, 1), 3),
+            "lut_ort_cpu_ms": round(tables["onnxruntime-cpu"].predict(arch), 3),
+            "lut_torch_cpu_ms": round(tables["torch-cpu"].predict(arch), 3),
             "ort_cpu_ms": round(latency[name]["onnxruntime-cpu"]["median_ms"], 3),
             "torch_cpu_ms": round(latency[name]["torch-cpu"]["median_ms"], 3),
             "latency": latency[name],

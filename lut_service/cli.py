@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from pose.space import SPACES, get_space, parse_hw
+from pose.space import SPACES, TableSpec, parse_hw
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -29,32 +29,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _space_arg(text: str) -> str | dict:
-    """``small``/``large`` go by name; a file is read here and sent inline (the agent never reads paths)."""
-    if text in SPACES:
-        return text
-    if not Path(text).is_file():
-        raise ValueError(f"--space {text!r}: expected small, large or a search-space JSON file")
-    return get_space(text).to_spec().model_dump(mode="json")
+def _table_spec(args: argparse.Namespace) -> TableSpec:
+    """The table ``--space``/``--input``/``--batch``/``--threads``/``--joints`` name. A space file is read
+    here: the client sends it inline (the agent never reads paths), ``small``/``large`` by name."""
+    if args.space not in SPACES and not Path(args.space).is_file():
+        raise ValueError(f"--space {args.space!r}: expected small, large or a search-space JSON file")
+    return TableSpec(args.space, args.input, args.batch, args.joints, threads=args.threads)
 
 
 def _build(args: argparse.Namespace) -> int:
     from lut_service.client import AgentClient
-    from lut_service.lut import save_document, summarize
+    from lut_service.lut import document_summary, save_document
 
-    space = _space_arg(args.space)
+    spec = _table_spec(args)
     with AgentClient(args.agent, retries=args.retries) as client:
-        doc = client.request_lut(
-            space,
-            args.backend,
-            batch=args.batch,
-            threads=args.threads,
-            input_hw=args.input,
-            joints=args.joints,
-            progress=not args.quiet,
-        )
+        doc = client.request_lut(spec, args.backend, progress=not args.quiet)
     path = save_document(doc, args.output)
-    summary = summarize(doc)
+    summary = document_summary(doc)
     if args.json:
         print(json.dumps({"path": str(path), "id": doc["id"], "entries": summary["entries"]}))
     else:
@@ -63,9 +54,9 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from lut_service.lut import load_document, summarize
+    from lut_service.lut import document_summary, load_document
 
-    summary = summarize(load_document(args.file), slowest=args.top)
+    summary = document_summary(load_document(args.file), slowest=args.top)
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -92,19 +83,10 @@ def _validate(args: argparse.Namespace) -> int:
 
     if args.samples < 2:
         raise ValueError(f"--samples must be at least 2, got {args.samples}")
-    space = _space_arg(args.space)
+    spec = _table_spec(args)
     with AgentClient(args.agent, retries=args.retries) as client:
         report = validate_on_agent(
-            client,
-            space,
-            args.backend,
-            samples=args.samples,
-            seed=args.seed,
-            batch=args.batch,
-            threads=args.threads,
-            input_hw=args.input,
-            joints=args.joints,
-            progress=not args.quiet,
+            client, spec, args.backend, samples=args.samples, seed=args.seed, progress=not args.quiet
         )
     report["space"] = args.space
     stats = report

@@ -18,6 +18,7 @@ import httpx
 from tqdm import tqdm
 
 from lut_service.lut import load_document, save_document, validate_document
+from pose.space import TableSpec
 
 
 class AgentError(RuntimeError):
@@ -47,30 +48,9 @@ def _detail(response: httpx.Response) -> str:
     return str(detail)
 
 
-def _request_body(
-    space: str | dict[str, Any],
-    backend: str,
-    batch: int,
-    threads: int,
-    input_hw: tuple[int, int],
-    joints: int,
-    head_widths: tuple[int, ...],
-    head_style: str,
-    sic: bool,
-    budget: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The fields POST /v1/luts and POST /v1/networks share (space, backend, shapes, head, budget)."""
-    body: dict[str, Any] = {
-        "space": space,
-        "backend": backend,
-        "batch": batch,
-        "threads": threads,
-        "input": list(input_hw),
-        "joints": joints,
-        "head_widths": list(head_widths),
-        "head_style": head_style,
-        "sic": sic,
-    }
+def _request_body(spec: TableSpec, backend: str, budget: dict[str, Any] | None) -> dict[str, Any]:
+    """The fields POST /v1/luts and POST /v1/networks share: the table spec, the backend, the budget."""
+    body: dict[str, Any] = {**spec.as_fields(space_by_name=True), "backend": backend}
     if budget:
         body["budget"] = budget
     return body
@@ -143,25 +123,16 @@ class AgentClient:
 
     def request_lut(
         self,
-        space: str | dict[str, Any],
+        spec: TableSpec,
         backend: str,
-        batch: int = 1,
-        threads: int = 1,
-        dtype: str = "float32",
-        input_hw: tuple[int, int] = (256, 256),
-        joints: int = 16,
-        head_widths: tuple[int, ...] = (64, 32),
-        head_style: str = "plain",
-        sic: bool = True,
         budget: dict[str, Any] | None = None,
         progress: bool = True,
         poll_s: float = 0.5,
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        """Ask for a LUT, wait for its job (progress bar done/total on stderr), return the document."""
-        body = _request_body(space, backend, batch, threads, input_hw, joints, head_widths, head_style, sic, budget)
-        body["dtype"] = dtype
-        response = self.submit(body)
+        """Ask for the LUT of ``spec`` on ``backend``, wait for its job (progress bar done/total on stderr),
+        return the document."""
+        response = self.submit(_request_body(spec, backend, budget))
         if response.status_code == 200:
             doc = response.json()
             self._store(doc, response.headers.get("etag"))
@@ -200,24 +171,17 @@ class AgentClient:
 
     def measure_networks(
         self,
-        space: str | dict[str, Any],
+        spec: TableSpec,
         archs: list[list[str]],
         backend: str,
-        batch: int = 1,
-        threads: int = 1,
-        input_hw: tuple[int, int] = (256, 256),
-        joints: int = 16,
-        head_widths: tuple[int, ...] = (64, 32),
-        head_style: str = "plain",
-        sic: bool = True,
         budget: dict[str, Any] | None = None,
         progress: bool = True,
         poll_s: float = 0.5,
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        """Whole-network latencies measured on the agent's device: ``{"clock", "latencies": [...]}``."""
-        body = _request_body(space, backend, batch, threads, input_hw, joints, head_widths, head_style, sic, budget)
-        body["archs"] = archs
+        """Latencies of whole networks (``archs``: op lists of ``spec``'s space and head) measured on the
+        agent's device: ``{"clock", "latencies": [...]}``."""
+        body = {**_request_body(spec, backend, budget), "archs": archs}
         job_id = self._request("POST", "/v1/networks", ok=(202,), json=body).json()["job_id"]
         return self.wait(job_id, progress=progress, poll_s=poll_s, timeout_s=timeout_s)["result"]
 

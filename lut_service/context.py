@@ -31,7 +31,7 @@ from torch import nn
 
 from lut_service.settings import Budget
 from lut_service.timing import Runner, Timing, TorchCpuRunner, interleaved_samples, make_runner, timing_stats
-from pose.space import MBCONV_OPS, ArchSpec, SearchSpace, head_key, layer_key, stem_key
+from pose.space import MBCONV_OPS, ArchSpec, TableSpec, fixed_parts, layer_key
 
 CONTEXT_BACKENDS: tuple[str, ...] = ("torch-cpu", "onnxruntime-cpu")
 _LAYER_RE = re.compile(r"/layers\.(\d+)/")
@@ -46,33 +46,18 @@ class ContextNet:
     parts: dict[str, str]
 
 
-def context_nets(
-    space: SearchSpace,
-    input_hw: tuple[int, int],
-    batch: int,
-    joints: int,
-    head_widths: tuple[int, ...],
-    head_style: str,
-    sic: bool,
-) -> list[ContextNet]:
+def context_nets(spec: TableSpec) -> list[ContextNet]:
     """One uniform network per MBConv op; together their parts cover every stem, head and layer key."""
-    del joints  # the head key carries it through head_key's arguments below
+    stem = fixed_parts(spec)["stem"]
+    layers = spec.space.layers(spec.input_hw)
     nets = []
-    layers = space.layers(input_hw)
     for op in MBCONV_OPS:
-        arch = ArchSpec(
-            space=space.to_spec(),
-            ops=[op] * len(layers),
-            head_widths=tuple(head_widths),
-            head_style=head_style,
-            sic=sic,
-        )
-        parts = {"stem": stem_key(space, input_hw, batch)}
+        parts = {"stem": stem}
         for layer in layers:
-            key = layer_key(op, layer, batch)
+            key = layer_key(op, layer, spec.batch)
             if key is not None:
                 parts[f"layers.{layer.index}"] = key
-        nets.append(ContextNet(op, arch, parts))
+        nets.append(ContextNet(op, spec.arch([op] * len(layers)), parts))
     return nets
 
 
@@ -116,9 +101,7 @@ def part_times(runner: Runner, rounds: int) -> list[dict[str, float]]:
 def measure_in_context(
     backend: str,
     nets: list[ContextNet],
-    joints: int,
-    input_shape: tuple[int, int, int, int],
-    threads: int,
+    spec: TableSpec,
     overhead_ms: float,
     budget: Budget,
     workdir: Path,
@@ -126,7 +109,7 @@ def measure_in_context(
     should_stop: Callable[[], bool] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Timing] | None:
-    """Timing (overhead excluded) of every key the ``nets`` cover; None when stopped.
+    """Timing (overhead excluded) of every key the ``nets`` (uniform networks of ``spec``) cover; None when stopped.
 
     End-to-end samples of all networks are interleaved (``timing.interleaved_samples``, the harness of
     ``POST /v1/networks``); then instrumented rounds run round-robin across the networks until every
@@ -134,7 +117,7 @@ def measure_in_context(
     at most ``budget.max_samples`` rounds.
     """
     stop = should_stop or (lambda: False)
-    runners = _part_runners(backend, nets, joints, input_shape, threads, workdir, clock, stop, progress)
+    runners = _part_runners(backend, nets, spec, workdir, clock, stop, progress)
     if runners is None:
         return None
     try:
@@ -157,9 +140,7 @@ def measure_in_context(
 def _part_runners(
     backend: str,
     nets: list[ContextNet],
-    joints: int,
-    input_shape: tuple[int, int, int, int],
-    threads: int,
+    spec: TableSpec,
     workdir: Path,
     clock: str,
     stop: Callable[[], bool],
@@ -174,7 +155,8 @@ def _part_runners(
             if stop():
                 _close(runners)
                 return None
-            runners.append(make_part_runner(backend, PoseNet(net.arch, joints), input_shape, threads, workdir, clock))
+            model, shape = PoseNet(net.arch, spec.joints), (spec.batch, 3, *spec.input_hw)
+            runners.append(make_part_runner(backend, model, shape, spec.threads, workdir, clock))
             if progress is not None:
                 progress(i + 1)
     except BaseException:
@@ -250,14 +232,7 @@ def _combine(timings: list[Timing]) -> Timing:
 
 def context_lut(
     backend: str,
-    space: SearchSpace,
-    input_hw: tuple[int, int],
-    batch: int,
-    joints: int,
-    head_widths: tuple[int, ...],
-    head_style: str,
-    sic: bool,
-    threads: int,
+    spec: TableSpec,
     overhead_ms: float,
     budget: Budget,
     workdir: Path,
@@ -265,22 +240,10 @@ def context_lut(
     should_stop: Callable[[], bool] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Timing] | None:
-    """Every stem, head and layer key of the space measured in context (keys as ``plan.plan_entries``)."""
-    nets = context_nets(space, input_hw, batch, joints, head_widths, head_style, sic)
-    timings = measure_in_context(
-        backend,
-        nets,
-        joints,
-        (batch, 3, *input_hw),
-        threads,
-        overhead_ms,
-        budget,
-        workdir,
-        clock,
-        should_stop,
-        progress,
-    )
+    """Every stem, head and layer key of ``spec`` measured in context (keys as ``plan.plan_entries``)."""
+    nets = context_nets(spec)
+    timings = measure_in_context(backend, nets, spec, overhead_ms, budget, workdir, clock, should_stop, progress)
     if timings is None:
         return None
-    timings[head_key(space, input_hw, joints, tuple(head_widths), head_style, sic, batch)] = timings.pop("head")
+    timings[fixed_parts(spec)["head"]] = timings.pop("head")
     return timings

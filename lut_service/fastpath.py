@@ -13,9 +13,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from lut_service.routes import _etag_matches
-
 PREFIX = "/v1/luts/"
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header matches ``etag`` (weak comparison: W/"x" matches "x"; ``*`` matches all).
+
+    Shared by this fast path and ``routes.get_lut``, so both answer 304 alike."""
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    candidates = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return etag in candidates
 
 
 class CachedLutMiddleware:
@@ -37,7 +47,7 @@ class CachedLutMiddleware:
                         if_none_match = value.decode("latin-1")
                         break
                 tag = etag.encode("latin-1")
-                if _etag_matches(if_none_match, etag):
+                if etag_matches(if_none_match, etag):
                     await send({"type": "http.response.start", "status": 304, "headers": [(b"etag", tag)]})
                     await send({"type": "http.response.body", "body": b""})
                     return

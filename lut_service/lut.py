@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lut_service.schemas import LutDocument
-from pose.space import ArchSpec, arch_keys, get_space, random_ops
+from pose.space import ArchSpec, SearchSpace, TableSpec, arch_keys, get_space, layer_cells, random_ops
 
 
 def validate_document(doc: dict[str, Any], source: str = "LUT document") -> LutDocument:
@@ -75,20 +75,9 @@ class LutTable:
         return self.document["backend"]
 
     @property
-    def batch(self) -> int:
-        return int(self.document["batch"])
-
-    @property
-    def input_hw(self) -> tuple[int, int]:
-        return tuple(self.document["input"])  # type: ignore[return-value]
-
-    @property
-    def joints(self) -> int:
-        return int(self.document["joints"])
-
-    @property
-    def space(self):  # noqa: ANN201 - pose.space.SearchSpace
-        return get_space(self.document["space"])
+    def spec(self) -> TableSpec:
+        """The table's identity (space, input, batch, joints, head, threads, dtype) as its document states it."""
+        return TableSpec.from_fields(self.document)
 
     def __contains__(self, key: str) -> bool:
         return key in self.costs
@@ -105,40 +94,26 @@ class LutTable:
     def missing(self, keys: list[str | None]) -> list[str]:
         return [k for k in dict.fromkeys(keys) if k is not None and k not in self.costs]
 
-    def predict(
-        self,
-        arch: ArchSpec,
-        input_hw: tuple[int, int] | None = None,
-        joints: int | None = None,
-        batch: int | None = None,
-    ) -> float:
-        """Predicted latency (ms) of the whole network: stem + head + overhead + chosen ops (Eq. 5)."""
-        keys = arch_keys(
-            arch,
-            input_hw or self.input_hw,
-            self.joints if joints is None else joints,
-            self.batch if batch is None else batch,
-        )
+    def predict(self, arch: ArchSpec) -> float:
+        """Predicted latency (ms) of the whole network: stem + head + overhead + chosen ops (Eq. 5), at this
+        table's input size, batch and joints; KeyError when the table lacks a key of ``arch`` (e.g. another head)."""
+        table = self.spec
+        spec = TableSpec.for_arch(arch, input_hw=table.input_hw, batch=table.batch, joints=table.joints)
+        keys = arch_keys(arch, spec)
         absent = self.missing(keys)
         if absent:
             raise KeyError(f"LUT {self.document.get('id')} lacks {len(absent)} keys for this arch, e.g. {absent[0]!r}")
         return sum(self.costs[k] for k in keys)
 
 
-def summarize(doc: dict[str, Any], slowest: int = 10) -> dict[str, Any]:
+def document_summary(doc: dict[str, Any], slowest: int = 10) -> dict[str, Any]:
     """What ``effpose lut show`` prints: entries per stage, the slowest ops, and the spread of IQR/median."""
     import numpy as np
 
-    space = get_space(doc["space"])
     batch = int(doc["batch"])
-    from pose.space import layer_key
-
     stage_of: dict[str, int] = {}
-    for layer in space.layers(tuple(doc["input"])):
-        for op in layer.legal_ops():
-            key = layer_key(op, layer, batch)
-            if key is not None:
-                stage_of.setdefault(key, layer.stage)
+    for layer, _, key in layer_cells(TableSpec.from_fields(doc)):
+        stage_of.setdefault(key, layer.stage)
     per_stage: dict[str, dict[str, Any]] = {}
     for entry in doc["entries"]:
         key = entry["key"]
@@ -172,7 +147,7 @@ def summarize(doc: dict[str, Any], slowest: int = 10) -> dict[str, Any]:
     }
 
 
-def random_archs(space: str | dict[str, Any], count: int, seed: int = 0) -> list[list[str]]:
+def random_archs(space: str | dict[str, Any] | SearchSpace, count: int, seed: int = 0) -> list[list[str]]:
     """``count`` random legal op lists of ``space`` (uniform over each layer's legal ops), reproducible."""
     import random
 
@@ -209,21 +184,12 @@ NETWORK_BUDGET: dict[int, dict[str, int]] = {1: {"min_samples": 15}, 8: {"min_sa
 
 
 def validate_on_agent(
-    client: Any,
-    space: str | dict[str, Any],
-    backend: str,
-    samples: int = 50,
-    seed: int = 0,
-    batch: int = 1,
-    threads: int = 1,
-    input_hw: tuple[int, int] = (256, 256),
-    joints: int = 16,
-    progress: bool = True,
+    client: Any, spec: TableSpec, backend: str, samples: int = 50, seed: int = 0, progress: bool = True
 ) -> dict[str, Any]:
-    """LUT fidelity on an agent (``effpose lut validate`` and benchmarks/lut_fidelity.py): get the LUT,
-    time ``samples`` random legal architectures end to end on the agent (interleaved, one job), score
-    the LUT sums against them. ``client`` is a ``lut_service.client.AgentClient``. The LUT build never
-    sees these architectures, so every one is held out.
+    """LUT fidelity on an agent (``effpose lut validate`` and benchmarks/lut_fidelity.py): get the LUT of
+    ``spec``, time ``samples`` random legal architectures end to end on the agent (interleaved, one job),
+    score the LUT sums against them. ``client`` is a ``lut_service.client.AgentClient``. The LUT build
+    never sees these architectures, so every one is held out.
 
     The same job also times one uniform network per MBConv op (every layer that op: the networks the
     agent's in-context build measured). Their measured/predicted ratio is the machine's *drift* since
@@ -231,19 +197,18 @@ def validate_on_agent(
     ``drift_corrected`` scores (predictions times that ratio). The headline scores never use it."""
     from pose.space import MBCONV_OPS
 
-    options = {"batch": batch, "threads": threads, "input_hw": input_hw, "joints": joints}
-    doc = client.request_lut(space, backend, progress=progress, **options)
-    archs = random_archs(space, samples, seed)
-    n_layers = len(get_space(space).layers(input_hw))
+    doc = client.request_lut(spec, backend, progress=progress)
+    archs = random_archs(spec.space, samples, seed)
+    n_layers = len(spec.space.layers(spec.input_hw))
     references = [[op] * n_layers for op in MBCONV_OPS]
-    budget = NETWORK_BUDGET.get(batch, NETWORK_BUDGET[8] if batch > 8 else None)
-    result = client.measure_networks(space, archs + references, backend, budget=budget, progress=progress, **options)
+    budget = NETWORK_BUDGET.get(spec.batch, NETWORK_BUDGET[8] if spec.batch > 8 else None)
+    result = client.measure_networks(spec, archs + references, backend, budget=budget, progress=progress)
     table = LutTable.from_document(doc)
     latencies = result["latencies"][: len(archs)]
-    predicted = [table.predict(ArchSpec(space=space, ops=ops)) for ops in archs]
+    predicted = [table.predict(spec.arch(ops)) for ops in archs]
     measured = [lat["median_ms"] for lat in latencies]
     ref_ratio = [
-        lat["median_ms"] / table.predict(ArchSpec(space=space, ops=ops))
+        lat["median_ms"] / table.predict(spec.arch(ops))
         for ops, lat in zip(references, result["latencies"][len(archs) :], strict=True)
     ]
     import numpy as np
@@ -251,9 +216,9 @@ def validate_on_agent(
     drift = float(np.median(ref_ratio))
     return {
         "backend": backend,
-        "threads": threads,
-        "batch": batch,
-        "space": space if isinstance(space, str) else get_space(space).name,
+        "threads": spec.threads,
+        "batch": spec.batch,
+        "space": spec.space.name,
         "samples": len(archs),
         **fidelity(predicted, measured),
         "drift": drift - 1.0,

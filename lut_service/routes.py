@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -16,8 +17,9 @@ from starlette.concurrency import run_in_threadpool
 import lut_service
 from lut_service import crud
 from lut_service.db import session_scope
+from lut_service.fastpath import etag_matches
 from lut_service.models import Job, Lut
-from lut_service.plan import largest_activation, largest_weight, lut_keys
+from lut_service.plan import largest_activation, largest_weight
 from lut_service.schemas import (
     DeviceInfo,
     ErrorMessage,
@@ -28,10 +30,11 @@ from lut_service.schemas import (
     LutDocument,
     LutRequest,
     NetworksRequest,
+    TableRequest,
 )
 from lut_service.settings import Settings
 from lut_service.timing import BACKENDS, clock_name, unavailable_reason
-from pose.space import SPACES, ArchSpec, SearchSpace, SpaceSpec, get_space
+from pose.space import SPACES, TableSpec, table_keys
 
 router = APIRouter(prefix="/v1")
 
@@ -59,33 +62,66 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def _resolve_space(space: str | SpaceSpec) -> SearchSpace:
-    """A space name or an inline ``SpaceSpec`` (already validated); never a path on the agent's machine."""
-    if isinstance(space, str) and space not in SPACES:
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A checked request: the table it names, its canonical form (stored, and hashed into the LUT id) and
+    the keys a complete table of it holds (``pose.space.table_keys``)."""
+
+    spec: TableSpec
+    canonical: dict[str, Any]
+    keys: list[str]
+
+
+def resolve_request(body: TableRequest, settings: Settings) -> ResolvedRequest:
+    """Check a request against this device and the limits (422/400 naming the setting), before anything
+    is built or allocated: cheap bounds first, then the backend, then the memory a module would need."""
+    spec = _table_spec(body)
+    _check_bounds(spec, settings)
+    if isinstance(body, NetworksRequest) and len(body.archs) > settings.max_networks:
         raise HTTPException(
-            422, f"unknown search space {space!r}: expected one of {', '.join(SPACES)} or an inline space"
+            422,
+            f"{len(body.archs)} archs exceed the limit of {settings.max_networks} networks per request "
+            "(max_networks, EFFPOSE_MAX_NETWORKS)",
+        )
+    _check_backend(body.backend, spec.threads)
+    _check_memory(spec, settings)
+    keys = table_keys(spec)
+    if len(keys) > settings.max_keys:
+        raise HTTPException(
+            422,
+            f"the space has {len(keys)} unique keys, above the limit of {settings.max_keys} "
+            "(max_keys, EFFPOSE_MAX_KEYS)",
+        )
+    clock = clock_name(body.backend, spec.threads, settings.clock)
+    return ResolvedRequest(spec, {**spec.as_fields(), "backend": body.backend, "clock": clock}, keys)
+
+
+def _table_spec(body: TableRequest) -> TableSpec:
+    """The request's table; its space is a name or an inline ``SpaceSpec``, never a path on this machine."""
+    if isinstance(body.space, str) and body.space not in SPACES:
+        raise HTTPException(
+            422, f"unknown search space {body.space!r}: expected one of {', '.join(SPACES)} or an inline space"
         )
     try:
-        return get_space(space)
+        return body.table_spec()
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
 
 
-def normalize(body: LutRequest | NetworksRequest, settings: Settings) -> tuple[dict[str, Any], SearchSpace, list[str]]:
-    """Check a request against this device and the limits; return its canonical form, space and keys."""
-    space = _resolve_space(body.space)
-    # Cheap bounds first, all before anything is built or allocated; each message names its setting.
-    height, width = body.input
+def _check_bounds(spec: TableSpec, settings: Settings) -> None:
+    """Input size, batch, layers and channels within the agent's limits."""
+    height, width = spec.input_hw
     if min(height, width) < 8 or max(height, width) > settings.max_input_side:
         raise HTTPException(
             422,
             f"input {height}x{width} out of range: each side must be 8 up to the limit of {settings.max_input_side} "
             "(max_input_side, EFFPOSE_MAX_INPUT_SIDE)",
         )
-    if body.batch > settings.max_batch:
+    if spec.batch > settings.max_batch:
         raise HTTPException(
-            422, f"batch {body.batch} exceeds the limit of {settings.max_batch} (max_batch, EFFPOSE_MAX_BATCH)"
+            422, f"batch {spec.batch} exceeds the limit of {settings.max_batch} (max_batch, EFFPOSE_MAX_BATCH)"
         )
+    space = spec.space
     if space.num_layers > settings.max_layers:
         raise HTTPException(
             422,
@@ -94,7 +130,7 @@ def normalize(body: LutRequest | NetworksRequest, settings: Settings) -> tuple[d
         )
     widths = {"stem_channels": space.stem_channels}
     widths.update({f"stages[{i}] channels": stage.channels for i, stage in enumerate(space.stages)})
-    widths.update({f"head_widths[{i}]": w for i, w in enumerate(body.head_widths)})
+    widths.update({f"head_widths[{i}]": w for i, w in enumerate(spec.head_widths)})
     for name, channels in widths.items():
         if not 1 <= channels <= settings.max_channels:
             raise HTTPException(
@@ -102,68 +138,39 @@ def normalize(body: LutRequest | NetworksRequest, settings: Settings) -> tuple[d
                 f"{name} = {channels} channels is outside 1..{settings.max_channels} "
                 "(the limit max_channels, EFFPOSE_MAX_CHANNELS)",
             )
-    if isinstance(body, NetworksRequest) and len(body.archs) > settings.max_networks:
-        raise HTTPException(
-            422,
-            f"{len(body.archs)} archs exceed the limit of {settings.max_networks} networks per request "
-            "(max_networks, EFFPOSE_MAX_NETWORKS)",
-        )
-    reason = unavailable_reason(body.backend)
+
+
+def _check_backend(backend: str, threads: int) -> None:
+    """The backend runs here (400 otherwise), and a CPU backend gets no more threads than usable CPUs."""
+    reason = unavailable_reason(backend)
     if reason is not None:
         raise HTTPException(400, reason)
-    if body.backend.endswith("-cpu"):
+    if backend.endswith("-cpu"):
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if usable and body.threads > usable:
-            raise HTTPException(422, f"threads {body.threads} exceeds the {usable} CPUs usable on this device")
-    elements = largest_activation(space, (height, width), body.batch, tuple(body.head_widths))
+        if usable and threads > usable:
+            raise HTTPException(422, f"threads {threads} exceeds the {usable} CPUs usable on this device")
+
+
+def _check_memory(spec: TableSpec, settings: Settings) -> None:
+    """The largest activation and the widest op's weights within the limits, before anything is allocated."""
+    elements = largest_activation(spec)
     if elements > settings.max_tensor_elements:
         raise HTTPException(
             422,
             f"request needs a tensor of {elements} elements, above the limit of {settings.max_tensor_elements} "
             "(max_tensor_elements, EFFPOSE_MAX_TENSOR_ELEMENTS; reduce batch, input size or channels)",
         )
-    weights = largest_weight(space)
+    weights = largest_weight(spec.space)
     if weights > settings.max_weight_elements:
         raise HTTPException(
             422,
             f"the widest candidate op needs {weights} weights, above the limit of {settings.max_weight_elements} "
             "(max_weight_elements, EFFPOSE_MAX_WEIGHT_ELEMENTS; reduce channels)",
         )
-    normalized = {
-        "space": space.to_spec().model_dump(mode="json"),
-        "backend": body.backend,
-        "batch": body.batch,
-        "threads": body.threads,
-        "dtype": body.dtype,
-        "input": [height, width],
-        "joints": body.joints,
-        "head_widths": list(body.head_widths),
-        "head_style": body.head_style,
-        "sic": body.sic,
-        "clock": clock_name(body.backend, body.threads, settings.clock),
-    }
-    keys = lut_keys(space, (height, width), body.batch, body.joints, tuple(body.head_widths), body.head_style, body.sic)
-    if len(keys) > settings.max_keys:
-        raise HTTPException(
-            422,
-            f"the space has {len(keys)} unique keys, above the limit of {settings.max_keys} "
-            "(max_keys, EFFPOSE_MAX_KEYS)",
-        )
-    return normalized, space, keys
 
 
 def _document_response(body: bytes, etag: str, status_code: int = 200) -> Response:
     return Response(body, status_code, media_type="application/json", headers={"ETag": etag})
-
-
-def _etag_matches(header: str | None, etag: str) -> bool:
-    if not header:
-        return False
-    if header.strip() == "*":
-        return True
-    # If-None-Match uses the weak comparison: W/"x" matches "x".
-    candidates = [tag.strip().removeprefix("W/") for tag in header.split(",")]
-    return etag in candidates
 
 
 @router.get("/health", response_model=Health)
@@ -195,11 +202,11 @@ def device(request: Request) -> DeviceInfo:
 def request_lut(body: LutRequest, request: Request, session: SessionDep) -> Response:
     """Queue the profiling of the missing entries (202 + job), or return the table when it is complete (200)."""
     state = request.app.state
-    normalized, _, keys = normalize(body, state.settings)
-    lut_id = crud.lut_id_for(state.device_id, normalized)
+    resolved = resolve_request(body, state.settings)
+    lut_id = crud.lut_id_for(state.device_id, resolved.canonical)
     budget = body.budget.model_dump(exclude_none=True) if body.budget else {}
     with state.submit_lock:  # one agent process: identical concurrent requests end up on one job
-        lut = crud.get_or_create_lut(session, lut_id, state.device_id, normalized, keys)
+        lut = crud.get_or_create_lut(session, lut_id, state.device_id, resolved.canonical, resolved.keys)
         document = crud.complete_document(session, lut)
         if document is not None:
             session.commit()
@@ -232,21 +239,15 @@ def measure_networks(body: NetworksRequest, request: Request, session: SessionDe
     The result (one latency per arch, in order) appears on ``GET /v1/jobs/{id}`` when the job is done.
     """
     state = request.app.state
-    normalized, _, _ = normalize(body, state.settings)
+    resolved = resolve_request(body, state.settings)
     for i, ops in enumerate(body.archs):
         try:
-            ArchSpec(
-                space=normalized["space"],
-                ops=ops,
-                head_widths=tuple(body.head_widths),
-                head_style=body.head_style,
-                sic=body.sic,
-            )
+            resolved.spec.arch(ops)
         except ValidationError as exc:
             messages = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
             raise HTTPException(422, f"archs[{i}]: {messages}") from None
     budget = body.budget.model_dump(exclude_none=True) if body.budget else {}
-    job = crud.create_networks_job(session, {**normalized, "archs": body.archs}, budget)
+    job = crud.create_networks_job(session, {**resolved.canonical, "archs": body.archs}, budget)
     session.commit()
     state.worker.wake()
     return JSONResponse({"job_id": job.id}, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
@@ -304,6 +305,6 @@ async def get_lut(lut_id: str, request: Request) -> Response:
     if cached is None:
         cached = await run_in_threadpool(_load_document, request, lut_id)
     body, etag = cached
-    if _etag_matches(request.headers.get("if-none-match"), etag):
+    if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers={"ETag": etag})
     return _document_response(body, etag)

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pose.space import SpaceSpec
+from pose.space import SpaceSpec, TableSpec
 
 Backend = Literal["torch-cpu", "torch-cuda", "onnxruntime-cpu", "onnxruntime-cuda"]
 JobState = Literal["queued", "running", "done", "failed"]
@@ -31,9 +31,12 @@ Side = Annotated[int, Field(ge=8)]
 Width = Annotated[int, Field(ge=1, le=4096)]
 
 
-class LutRequest(BaseModel):
-    """``space`` is ``small``, ``large`` or an inline space ``{"stem_channels", "stages": [[C, stride, n], ...]}``
-    (validated by ``pose.space``, the one definition of a space)."""
+class TableRequest(BaseModel):
+    """The fields ``POST /v1/luts`` and ``POST /v1/networks`` share: a ``pose.space.TableSpec`` (the table's
+    identity), the backend, and an optional timing budget.
+
+    ``space`` is ``small``, ``large`` or an inline space ``{"stem_channels", "stages": [[C, stride, n], ...]}``
+    (validated by ``pose.space``, the one definition of a space); never a path on the agent's machine."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +51,24 @@ class LutRequest(BaseModel):
     head_style: Literal["plain", "mbv1", "mbv2"] = "plain"
     sic: bool = True
     budget: BudgetOverrides | None = None
+
+    def table_spec(self) -> TableSpec:
+        """The table this request names (ValueError if ``pose.space`` rejects it)."""
+        return TableSpec(
+            self.space,  # type: ignore[arg-type]  # a name or an inline SpaceSpec, resolved by get_space
+            self.input,
+            self.batch,
+            self.joints,
+            tuple(self.head_widths),
+            self.head_style,
+            self.sic,
+            self.threads,
+            self.dtype,
+        )
+
+
+class LutRequest(TableRequest):
+    """Build (or return) the LUT of this table on this device."""
 
 
 class LutAccepted(BaseModel):
@@ -96,23 +117,10 @@ class JobStatus(BaseModel):
     result: NetworkResult | None = None
 
 
-class NetworksRequest(BaseModel):
+class NetworksRequest(TableRequest):
     """Time whole networks end to end on this device (interleaved), with the harness the LUT entries use."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    space: Literal["small", "large"] | SpaceSpec
     archs: list[list[str]] = Field(min_length=1, max_length=500, description="one op list per network")
-    backend: Backend
-    batch: int = Field(1, ge=1)
-    threads: int = Field(1, ge=1, le=1024)
-    dtype: Literal["float32"] = "float32"
-    input: tuple[Side, Side] = (256, 256)
-    joints: int = Field(16, ge=1, le=1024)
-    head_widths: list[Width] = Field(default_factory=lambda: [64, 32], min_length=1, max_length=8)
-    head_style: Literal["plain", "mbv1", "mbv2"] = "plain"
-    sic: bool = True
-    budget: BudgetOverrides | None = None
 
 
 class JobAccepted(BaseModel):

@@ -32,7 +32,7 @@ from lut_service.timing import (
     timing_stats,
     tune_allocator,
 )
-from pose.space import ArchSpec, get_space
+from pose.space import TableSpec
 
 log = logging.getLogger("lut_service.worker")
 
@@ -169,16 +169,8 @@ class Worker:
             job.state, job.errors, job.done, job.total = "running", [], len(stored), len(lut.keys)
             budget = self.budget.merged(job.budget)
         self.current_job = job_id
-        space = get_space(request["space"])
-        entries = plan_entries(
-            space,
-            tuple(request["input"]),
-            batch,
-            request["joints"],
-            tuple(request["head_widths"]),
-            request["head_style"],
-            request["sic"],
-        )
+        spec = TableSpec.from_fields(request)
+        entries = plan_entries(spec)
         errors: list[dict[str, str]] = []
         overhead_ms = 0.0
         context: dict[str, Timing] | None = None  # CPU backends: every key timed inside whole networks
@@ -194,9 +186,7 @@ class Worker:
                         overhead_ms = have[entry.key]
                     continue
                 if context is None and entry.kind != "overhead" and backend in CONTEXT_BACKENDS:
-                    context = self._measure_in_context(
-                        request, backend, batch, threads, overhead_ms, budget, workdir, clock
-                    )
+                    context = self._measure_in_context(spec, backend, overhead_ms, budget, workdir, clock)
                     if context is None:
                         return  # stopping: resumed at the next start
                 try:
@@ -241,35 +231,14 @@ class Worker:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _measure_in_context(
-        self,
-        request: dict,
-        backend: str,
-        batch: int,
-        threads: int,
-        overhead_ms: float,
-        budget: Budget,
-        workdir: Path,
-        clock: str,
+        self, spec: TableSpec, backend: str, overhead_ms: float, budget: Budget, workdir: Path, clock: str
     ) -> dict[str, Timing] | None:
-        """All stem, head and layer entries of the request timed in context (``lut_service.context``);
+        """All stem, head and layer entries of ``spec`` timed in context (``lut_service.context``);
         ``{}`` (each entry then timed on its own) if that fails, None when stopping."""
         check = deadline_check(budget.timeout_s * 8, "in-context measurement")
         try:
             return context_lut(
-                backend,
-                get_space(request["space"]),
-                tuple(request["input"]),
-                batch,
-                request["joints"],
-                tuple(request["head_widths"]),
-                request["head_style"],
-                request["sic"],
-                threads,
-                overhead_ms,
-                budget,
-                workdir,
-                clock,
-                lambda: self._stop.is_set() or check() is not None,
+                backend, spec, overhead_ms, budget, workdir, clock, lambda: self._stop.is_set() or check() is not None
             )
         except Exception:
             log.warning("in-context measurement failed, timing entries alone: %s", traceback.format_exc(limit=3))
@@ -319,8 +288,8 @@ class Worker:
     ) -> list | None:
         from pose.models import PoseNet
 
-        batch, threads = payload["batch"], payload["threads"]
-        shape = (batch, 3, *payload["input"])
+        spec = TableSpec.from_fields(payload)
+        shape = (spec.batch, 3, *spec.input_hw)
         runners = []
         try:
             for i, ops in enumerate(payload["archs"]):
@@ -328,15 +297,8 @@ class Worker:
                     for runner in runners:
                         runner.close()
                     return None
-                arch = ArchSpec(
-                    space=payload["space"],
-                    ops=ops,
-                    head_widths=tuple(payload["head_widths"]),
-                    head_style=payload["head_style"],
-                    sic=payload["sic"],
-                )
-                model = PoseNet(arch, payload["joints"])
-                runners.append(make_runner(payload["backend"], model, shape, threads, workdir, payload["clock"]))
+                model = PoseNet(spec.arch(ops), spec.joints)
+                runners.append(make_runner(payload["backend"], model, shape, spec.threads, workdir, payload["clock"]))
                 if check is not None:
                     check()
                 with session_scope(self.factory) as session:

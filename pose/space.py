@@ -10,9 +10,10 @@ import json
 import math
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -260,6 +261,7 @@ def random_ops(space: SearchSpace, rng: random.Random) -> list[str]:
 #   head-input:16x16x96-output:64x64x16-widths:64,32-style:plain-sic:1-batch:1
 #   overhead-input:256x256x3-batch:1   (fixed per-call cost of one inference, summed once per network)
 # Shapes are HxWxC. dtype, backend and threads are stored beside the key, not inside it.
+# Which keys a table holds is a function of its ``TableSpec`` (``table_keys``), defined once below.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -306,43 +308,154 @@ def head_key(
     )
 
 
-def fixed_keys(
-    space: SearchSpace,
-    input_hw: tuple[int, int],
-    joints: int = 16,
-    head_widths: tuple[int, ...] = (64, 32),
-    head_style: str = "plain",
-    sic: bool = True,
-    batch: int = 1,
-) -> list[str]:
-    """Keys of what every architecture of ``space`` has (stem, head, per-call overhead): the fixed cost of Eq. 5."""
-    return [
-        stem_key(space, input_hw, batch),
-        head_key(space, input_hw, joints, head_widths, head_style, sic, batch),
-        overhead_key(input_hw, batch),
-    ]
+@dataclass(frozen=True)
+class TableSpec:
+    """What identifies a cost table, besides the device and the backend that time it: the space, the
+    input size and batch its modules run at, the head they end in, and the threads and dtype.
+
+    The agent builds one table per spec (``lut_service``), the search reads one per spec (``search.cost``),
+    and both name its keys with the functions below. ``space`` may be anything ``get_space`` resolves
+    (``small``, ``large``, an inline ``SpaceSpec`` or dict, a JSON file); it is kept as a ``SearchSpace``.
+    Sequences are kept as tuples, so equal specs compare and hash equal.
+    """
+
+    space: SearchSpace
+    input_hw: tuple[int, int] = (256, 256)
+    batch: int = 1
+    joints: int = 16
+    head_widths: tuple[int, ...] = (64, 32)
+    head_style: HeadStyle = "plain"
+    sic: bool = True
+    threads: int = 1
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if len(self.input_hw) != 2:
+            raise ValueError(f"input_hw must be (height, width), got {self.input_hw!r}")
+        set_field = object.__setattr__  # frozen: normalise once, here
+        set_field(self, "space", get_space(self.space))
+        set_field(self, "input_hw", (int(self.input_hw[0]), int(self.input_hw[1])))
+        set_field(self, "head_widths", tuple(int(w) for w in self.head_widths))
+        set_field(self, "sic", bool(self.sic))
+        problems = [
+            f"{name} must be >= 1, got {value}"
+            for name, value in (("batch", self.batch), ("joints", self.joints), ("threads", self.threads))
+            if value < 1
+        ]
+        if min(self.input_hw) < 1:
+            problems.append(f"input_hw sides must be >= 1, got {self.input_hw}")
+        if not self.head_widths or any(w < 1 or w > 4096 for w in self.head_widths):
+            problems.append(f"head_widths must be 1..4096 channels each, got {self.head_widths}")
+        if self.head_style not in get_args(HeadStyle):
+            problems.append(f"head_style must be one of {', '.join(get_args(HeadStyle))}, got {self.head_style!r}")
+        if problems:
+            raise ValueError("invalid table spec: " + "; ".join(problems))
+
+    @classmethod
+    def for_arch(cls, arch: ArchSpec, **fields: Any) -> TableSpec:
+        """The spec of ``arch``'s space and head; ``fields`` give the rest (input_hw, batch, joints...)."""
+        return cls(arch.search_space, head_widths=arch.head_widths, head_style=arch.head_style, sic=arch.sic, **fields)
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> TableSpec:
+        """Read the fields ``as_fields`` writes (a LUT document or the agent's stored request carries them)."""
+        return cls(
+            fields["space"],
+            tuple(fields["input"]),  # type: ignore[arg-type]
+            int(fields["batch"]),
+            int(fields["joints"]),
+            tuple(fields["head_widths"]),
+            fields["head_style"],
+            bool(fields["sic"]),
+            int(fields["threads"]),
+            str(fields["dtype"]),
+        )
+
+    def as_fields(self, space_by_name: bool = False) -> dict[str, Any]:
+        """The spec as the JSON fields of a LUT document (``input`` is [H, W], the space inline).
+
+        ``space_by_name``: ``small``/``large`` as their name, as a client's request sends them."""
+        builtin = SPACES.get(self.space.name) == self.space
+        return {
+            "space": self.space.name if space_by_name and builtin else self.space.to_spec().model_dump(mode="json"),
+            "batch": self.batch,
+            "threads": self.threads,
+            "dtype": self.dtype,
+            "input": list(self.input_hw),
+            "joints": self.joints,
+            "head_widths": list(self.head_widths),
+            "head_style": self.head_style,
+            "sic": self.sic,
+        }
+
+    def arch(self, ops: list[str], name: str | None = None) -> ArchSpec:
+        """The network of this spec's space and head with these ops (validated: ValueError on a bad op)."""
+        return ArchSpec(
+            space=self.space.to_spec(),
+            ops=ops,
+            head_widths=self.head_widths,
+            head_style=self.head_style,
+            sic=self.sic,
+            name=name,
+        )
 
 
-def space_keys(space: SearchSpace, input_hw: tuple[int, int], batch: int = 1) -> list[str]:
-    """Every unique searchable-layer key of ``space`` (what a LUT must hold besides the fixed keys)."""
-    keys: dict[str, None] = {}
-    for layer in space.layers(input_hw):
+def fixed_parts(spec: TableSpec) -> dict[str, str]:
+    """The key of each part every architecture of the spec has (``stem``, ``head``, per-call ``overhead``)."""
+    return {
+        "stem": stem_key(spec.space, spec.input_hw, spec.batch),
+        "head": head_key(
+            spec.space, spec.input_hw, spec.joints, spec.head_widths, spec.head_style, spec.sic, spec.batch
+        ),
+        "overhead": overhead_key(spec.input_hw, spec.batch),
+    }
+
+
+def fixed_keys(spec: TableSpec) -> list[str]:
+    """Keys of the fixed cost of Eq. 5 (stem, head, per-call overhead), summed once per network."""
+    return list(fixed_parts(spec).values())
+
+
+def layer_cells(spec: TableSpec) -> list[tuple[Layer, str, str]]:
+    """``(layer, op, key)`` of every legal op of every searchable layer, ``skip`` left out (it has no key)."""
+    cells = []
+    for layer in spec.space.layers(spec.input_hw):
         for op in layer.legal_ops():
-            key = layer_key(op, layer, batch)
+            key = layer_key(op, layer, spec.batch)
             if key is not None:
-                keys[key] = None
-    return list(keys)
+                cells.append((layer, op, key))
+    return cells
 
 
-def arch_keys(arch: ArchSpec, input_hw: tuple[int, int], joints: int, batch: int = 1) -> list[str]:
+def space_keys(spec: TableSpec) -> list[str]:
+    """Every unique searchable-layer key (layers with identical shapes share keys), in layer order."""
+    return list(dict.fromkeys(key for _, _, key in layer_cells(spec)))
+
+
+def table_keys(spec: TableSpec) -> list[str]:
+    """Every unique key a complete table of ``spec`` holds, in table order: fixed keys, then layer keys.
+
+    The one answer to "which keys does this table need": the agent plans and stores these, the search
+    requires these."""
+    return list(dict.fromkeys(fixed_keys(spec) + space_keys(spec)))
+
+
+def arch_keys(arch: ArchSpec, spec: TableSpec) -> list[str]:
     """Keys whose LUT medians add up to the predicted latency of the whole network ``arch``.
 
+    ``spec`` must describe ``arch``'s space and head (``TableSpec.for_arch``); ValueError otherwise.
     Layers with identical shapes and ops repeat their key: the list is summed, not deduplicated.
     """
-    space = arch.search_space
-    keys = fixed_keys(space, input_hw, joints, arch.head_widths, arch.head_style, arch.sic, batch)
-    for layer, op in zip(space.layers(input_hw), arch.ops, strict=True):
-        key = layer_key(op, layer, batch)
+    arch_head = (tuple(arch.head_widths), arch.head_style, arch.sic)
+    spec_head = (spec.head_widths, spec.head_style, spec.sic)
+    if arch.search_space != spec.space or arch_head != spec_head:
+        raise ValueError(
+            f"arch of space {arch.search_space.name!r}, head {arch_head} does not match the table spec of "
+            f"space {spec.space.name!r}, head {spec_head}"
+        )
+    keys = fixed_keys(spec)
+    for layer, op in zip(spec.space.layers(spec.input_hw), arch.ops, strict=True):
+        key = layer_key(op, layer, spec.batch)
         if key is not None:
             keys.append(key)
     return keys

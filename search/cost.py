@@ -16,8 +16,9 @@ Sources (``--cost``):
   thread, batch 1, float32. If the agent cannot be reached the client's last cached table is used
   with a warning, and without one the error says so.
 
-Every key is built with ``pose.space`` (``layer_key``, ``fixed_keys``); a table lacking a needed key
-is a ``ValueError`` that lists the missing keys.
+What a table is for is one ``pose.space.TableSpec`` (space, input size, batch, joints, head); its keys
+are ``pose.space.table_keys(spec)``, the same function the agent plans its tables with. A table lacking a
+needed key is a ``ValueError`` that lists the missing keys.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -35,18 +36,9 @@ from torch import Tensor
 
 from pose.counting import count
 from pose.ops import PoseHead, Stem, make_layer_op
-from pose.space import CANDIDATE_OPS, SKIP, ArchSpec, SearchSpace, fixed_keys, layer_key
+from pose.space import CANDIDATE_OPS, TableSpec, fixed_keys, layer_cells, table_keys
 
-DEFAULT_COST_INPUT = (256, 256)
 DEFAULT_BACKEND = "onnxruntime-cpu"
-
-
-@dataclass
-class HeadOptions:
-    joints: int = 16
-    head_widths: tuple[int, ...] = (64, 32)
-    head_style: str = "plain"
-    sic: bool = True
 
 
 @dataclass
@@ -93,32 +85,25 @@ class CostTerm:
 # -- local counts ----------------------------------------------------------------------------------
 
 
-def count_table(
-    kind: str, space: SearchSpace, input_hw: tuple[int, int] = DEFAULT_COST_INPUT, head: HeadOptions | None = None
-) -> CostTable:
-    """``flops`` (GFLOPs, paper convention) or ``params`` (millions) of each candidate at its layer shape."""
+def count_table(kind: str, spec: TableSpec) -> CostTable:
+    """``flops`` (GFLOPs, paper convention) or ``params`` (millions) of each candidate at its layer shape
+    for ``spec``'s input size and head (per image: the batch does not enter)."""
     if kind not in ("flops", "params"):
         raise ValueError(f"unknown counted cost {kind!r}; expected flops or params")
-    head = head or HeadOptions()
 
     def value(module: torch.nn.Module, hw: tuple[int, int], channels: int) -> float:
         counts = count(module, hw, in_channels=channels)
         return counts.gflops_paper if kind == "flops" else counts.params / 1e6
 
-    layers = space.layers(input_hw)
-    table = torch.zeros(len(layers), len(CANDIDATE_OPS), dtype=torch.float64)
+    space, input_hw = spec.space, spec.input_hw
+    table = torch.zeros(space.num_layers, len(CANDIDATE_OPS), dtype=torch.float64)
     cache: dict[str, float] = {}
-    for layer in layers:
-        for op in layer.legal_ops():
-            if op == SKIP:
-                continue
-            key = layer_key(op, layer)
-            assert key is not None
-            if key not in cache:
-                cache[key] = value(make_layer_op(op, layer), (layer.in_h, layer.in_w), layer.c_in)
-            table[layer.index, CANDIDATE_OPS.index(op)] = cache[key]
+    for layer, op, key in layer_cells(spec):
+        if key not in cache:
+            cache[key] = value(make_layer_op(op, layer), (layer.in_h, layer.in_w), layer.c_in)
+        table[layer.index, CANDIDATE_OPS.index(op)] = cache[key]
     stem = value(Stem(space.stem_channels), input_hw, 3)
-    head_module = PoseHead(space.out_channels, head.joints, head.head_widths, head.head_style, head.sic)
+    head_module = PoseHead(space.out_channels, spec.joints, spec.head_widths, spec.head_style, spec.sic)
     head_cost = value(head_module, space.backbone_output_hw(input_hw), space.out_channels)
     unit = "GFLOPs" if kind == "flops" else "Mparams"
     return CostTable(kind, unit, table, stem + head_cost, kind, input_hw, 1, {"stem": stem, "head": head_cost})
@@ -137,83 +122,52 @@ def _lut_costs(doc: dict[str, Any], source: str) -> dict[str, float]:
     return {entry["key"]: float(table.cost(entry["key"])) for entry in doc["entries"]}
 
 
-def needed_keys(space: SearchSpace, input_hw: tuple[int, int], batch: int, head: HeadOptions) -> list[str]:
-    keys = fixed_keys(space, input_hw, head.joints, head.head_widths, head.head_style, head.sic, batch)
-    for layer in space.layers(input_hw):
-        for op in layer.legal_ops():
-            key = layer_key(op, layer, batch)
-            if key is not None:
-                keys.append(key)
-    return list(dict.fromkeys(keys))
-
-
-def lut_table(
-    doc: dict[str, Any], space: SearchSpace, head: HeadOptions | None = None, source: str = "LUT"
-) -> CostTable:
-    """Cost tensor from a LUT document at the document's input size and batch; missing keys -> ValueError."""
-    head = head or HeadOptions()
+def lut_table(doc: dict[str, Any], spec: TableSpec, source: str = "LUT") -> CostTable:
+    """Cost tensor of ``spec``'s space and head from a LUT document, at the document's input size and batch;
+    a key of ``table_keys`` missing from the document -> ValueError listing them."""
     try:
-        input_hw = (int(doc["input"][0]), int(doc["input"][1]))
-        batch = int(doc.get("batch", 1))
+        spec = replace(spec, input_hw=(int(doc["input"][0]), int(doc["input"][1])), batch=int(doc.get("batch", 1)))
     except (KeyError, TypeError, IndexError, ValueError) as exc:
         raise ValueError(f"LUT {source} has no valid 'input' [H, W] / 'batch' fields: {exc}") from None
     costs = _lut_costs(doc, source)
-    missing = [key for key in needed_keys(space, input_hw, batch, head) if key not in costs]
+    missing = [key for key in table_keys(spec) if key not in costs]
     if missing:
         hint = ""
-        if "joints" in doc and int(doc["joints"]) != head.joints:
-            hint = f" (the LUT was built for {doc['joints']} joints, the data has {head.joints})"
+        if "joints" in doc and int(doc["joints"]) != spec.joints:
+            hint = f" (the LUT was built for {doc['joints']} joints, the data has {spec.joints})"
+        (h, w), batch = spec.input_hw, spec.batch
         raise ValueError(
-            f"LUT {source} lacks {len(missing)} key(s) needed by space {space.name!r} at input "
-            f"{input_hw[0]}x{input_hw[1]}, batch {batch}, {head.joints} joints{hint}:\n  " + "\n  ".join(missing)
+            f"LUT {source} lacks {len(missing)} key(s) needed by space {spec.space.name!r} at input "
+            f"{h}x{w}, batch {batch}, {spec.joints} joints{hint}:\n  " + "\n  ".join(missing)
         )
-    layers = space.layers(input_hw)
-    table = torch.zeros(len(layers), len(CANDIDATE_OPS), dtype=torch.float64)
-    for layer in layers:
-        for op in layer.legal_ops():
-            key = layer_key(op, layer, batch)
-            if key is not None:
-                table[layer.index, CANDIDATE_OPS.index(op)] = costs[key]
-    fixed_list = fixed_keys(space, input_hw, head.joints, head.head_widths, head.head_style, head.sic, batch)
-    fixed = sum(costs[key] for key in fixed_list)
+    table = torch.zeros(spec.space.num_layers, len(CANDIDATE_OPS), dtype=torch.float64)
+    for layer, op, key in layer_cells(spec):
+        table[layer.index, CANDIDATE_OPS.index(op)] = costs[key]
+    fixed = sum(costs[key] for key in fixed_keys(spec))
     backend = str(doc.get("backend", "lut"))
     meta = {k: doc.get(k) for k in ("id", "backend", "threads", "dtype", "device") if k in doc}
-    return CostTable(f"lut:{backend}", "ms", table, fixed, source, input_hw, batch, meta)
-
-
-def _request_body(space: SearchSpace, input_hw: tuple[int, int], head: HeadOptions, query: dict[str, str]) -> dict:
-    return {
-        "space": space.name if space.name in ("small", "large") else space.to_spec().model_dump(),
-        "backend": query.get("backend", DEFAULT_BACKEND),
-        "batch": int(query.get("batch", 1)),
-        "threads": int(query.get("threads", 1)),
-        "dtype": query.get("dtype", "float32"),
-        "input_hw": tuple(input_hw),
-        "joints": head.joints,
-        "head_widths": tuple(head.head_widths),
-        "head_style": head.head_style,
-        "sic": head.sic,
-    }
+    return CostTable(f"lut:{backend}", "ms", table, fixed, source, spec.input_hw, spec.batch, meta)
 
 
 def _index_path(agent) -> Path:  # noqa: ANN001 - lut_service.client.AgentClient
     return Path(agent.cache_dir) / "search-requests.json"
 
 
-def _index_key(base: str, body: dict[str, Any]) -> str:
-    return json.dumps(
-        {"agent": base, **{k: list(v) if isinstance(v, tuple) else v for k, v in body.items()}}, sort_keys=True
-    )
+def _index_key(base: str, spec: TableSpec, backend: str) -> str:
+    """The request's entry in the index (the same JSON as before ``TableSpec``, so old entries still match)."""
+    fields = spec.as_fields(space_by_name=True)
+    fields["input_hw"] = fields.pop("input")
+    return json.dumps({"agent": base, "backend": backend, **fields}, sort_keys=True)
 
 
-def _remember(agent, base: str, body: dict[str, Any], lut_id: str) -> None:  # noqa: ANN001
+def _remember(agent, index_key: str, lut_id: str) -> None:  # noqa: ANN001
     """Map this request to the LUT id it got, so an unreachable agent can fall back to the cached table."""
     path = _index_path(agent)
     try:
         index = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         index = {}
-    index[_index_key(base, body)] = lut_id
+    index[index_key] = lut_id
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -223,9 +177,9 @@ def _remember(agent, base: str, body: dict[str, Any], lut_id: str) -> None:  # n
         print(f"cost: warning: cannot write {path}: {exc}", file=sys.stderr)
 
 
-def _cached_document(agent, base: str, body: dict[str, Any]) -> dict[str, Any] | None:  # noqa: ANN001
+def _cached_document(agent, index_key: str) -> dict[str, Any] | None:  # noqa: ANN001
     try:
-        lut_id = json.loads(_index_path(agent).read_text()).get(_index_key(base, body))
+        lut_id = json.loads(_index_path(agent).read_text()).get(index_key)
     except (OSError, ValueError, AttributeError):
         return None
     if lut_id is None:
@@ -234,45 +188,65 @@ def _cached_document(agent, base: str, body: dict[str, Any]) -> dict[str, Any] |
     return None if cached is None else {"etag": cached[0], "document": cached[1]}
 
 
-def _agent_document(url: str, space: SearchSpace, input_hw: tuple[int, int], head: HeadOptions) -> dict[str, Any]:
-    """Request (or fetch) a LUT from an agent URL through the ``lut_service`` client.
+def _agent_document(url: str, spec: TableSpec) -> dict[str, Any]:
+    """A LUT of ``spec`` from an agent URL: ``/v1/luts/ID`` fetched (and completed through the agent when it
+    lacks keys of this space), or the agent's LUT of ``spec`` with the URL's backend/threads/batch/dtype."""
+    from lut_service.client import fetch_lut
+
+    parts = urlsplit(url)
+    base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+    if "/v1/luts/" not in parts.path:
+        request, backend = _query_request(url, parts.query, spec)
+        return _request_document(base, request, backend)
+    doc = fetch_lut(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
+    stored = replace(spec, input_hw=(int(doc["input"][0]), int(doc["input"][1])), batch=int(doc["batch"]))
+    have = {e["key"] for e in doc["entries"]}
+    if all(key in have for key in table_keys(stored)):
+        return doc
+    # the stored table lacks keys of this space: ask the agent for them with the same settings
+    print(f"cost: LUT {url} lacks keys of space {spec.space.name!r}; requesting them from {base}", file=sys.stderr)
+    request = replace(stored, threads=int(doc["threads"]), dtype=str(doc["dtype"]))
+    return _request_document(base, request, str(doc["backend"]))
+
+
+def _query_request(url: str, query_text: str, spec: TableSpec) -> tuple[TableSpec, str]:
+    """``spec`` with the URL's ``batch``/``threads``/``dtype``, and its ``backend`` (default onnxruntime-cpu)."""
+    query = {k: v[-1] for k, v in parse_qs(query_text).items()}
+    unknown = set(query) - {"backend", "threads", "batch", "dtype"}
+    if unknown:
+        raise ValueError(
+            f"agent URL {url}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+            "expected backend, threads, batch, dtype"
+        )
+    try:
+        request = replace(
+            spec,
+            batch=int(query.get("batch", spec.batch)),
+            threads=int(query.get("threads", spec.threads)),
+            dtype=query.get("dtype", spec.dtype),
+        )
+    except ValueError as exc:
+        raise ValueError(f"agent URL {url}: {exc}") from None
+    return request, query.get("backend", DEFAULT_BACKEND)
+
+
+def _request_document(base: str, spec: TableSpec, backend: str) -> dict[str, Any]:
+    """Request (or fetch) the LUT of ``spec`` through the ``lut_service`` client.
 
     The client retries connection errors and 5xx answers with backoff. When the agent stays unreachable or
     failing, the table this same request got last time is taken from the client's ETag cache with a warning;
     without one the error says what to do.
     """
-    from lut_service.client import AgentClient, AgentError, fetch_lut
+    from lut_service.client import AgentClient, AgentError
 
-    parts = urlsplit(url)
-    base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
-    if "/v1/luts/" in parts.path:
-        doc = fetch_lut(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
-        space_keys_needed = needed_keys(space, tuple(doc["input"]), int(doc["batch"]), head)
-        if not any(key not in {e["key"] for e in doc["entries"]} for key in space_keys_needed):
-            return doc
-        # the stored table lacks keys of this space: ask the agent for them with the same settings
-        print(f"cost: LUT {url} lacks keys of space {space.name!r}; requesting them from {base}", file=sys.stderr)
-        query = {k: str(doc[k]) for k in ("backend", "batch", "threads", "dtype")}
-        input_hw = (int(doc["input"][0]), int(doc["input"][1]))
-    else:
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(query) - {"backend", "threads", "batch", "dtype"}
-        if unknown:
-            raise ValueError(
-                f"agent URL {url}: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                "expected backend, threads, batch, dtype"
-            )
-    try:
-        body = _request_body(space, input_hw, head, query)
-    except ValueError as exc:
-        raise ValueError(f"agent URL {url}: {exc}") from None
+    index_key = _index_key(base, spec, backend)
     with AgentClient(base) as agent:
         try:
-            doc = agent.request_lut(**body)
+            doc = agent.request_lut(spec, backend)
         except AgentError as exc:
             if exc.status is not None and exc.status < 500:
                 raise  # the agent refused the request itself: a cached table would hide the problem
-            cached = _cached_document(agent, base, body)
+            cached = _cached_document(agent, index_key)
             if cached is None:
                 raise RuntimeError(
                     f"{exc}; and no cached LUT for this request exists in {agent.cache_dir} "
@@ -284,23 +258,18 @@ def _agent_document(url: str, space: SearchSpace, input_hw: tuple[int, int], hea
                 file=sys.stderr,
             )
             return cached["document"]
-        _remember(agent, base, body, str(doc["id"]))
+        _remember(agent, index_key, str(doc["id"]))
         return doc
 
 
-def load_cost(
-    source: str,
-    space: SearchSpace,
-    head: HeadOptions | None = None,
-    input_hw: tuple[int, int] = DEFAULT_COST_INPUT,
-) -> CostTable:
-    """Resolve one ``--cost`` value to a ``CostTable`` (see the module docstring for the forms)."""
-    head = head or HeadOptions()
+def load_cost(source: str, spec: TableSpec) -> CostTable:
+    """Resolve one ``--cost`` value to a ``CostTable`` of ``spec`` (see the module docstring for the forms).
+
+    A LUT's own input size and batch win over ``spec``'s; its space and head must be ``spec``'s."""
     if source in ("flops", "params"):
-        return count_table(source, space, input_hw, head)
+        return count_table(source, spec)
     if source.startswith(("http://", "https://")):
-        doc = _agent_document(source, space, input_hw, head)
-        return lut_table(doc, space, head, source)
+        return lut_table(_agent_document(source, spec), spec, source)
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"cost {source!r} is not flops, params, an http(s) agent/LUT URL or an existing LUT file")
@@ -308,17 +277,10 @@ def load_cost(
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"LUT file {path} is not valid JSON: {exc}") from None
-    return lut_table(doc, space, head, str(path))
+    return lut_table(doc, spec, str(path))
 
 
-def build_terms(
-    sources: list[str],
-    lambdas: list[float],
-    taus: list[float],
-    space: SearchSpace,
-    head: HeadOptions | None = None,
-    input_hw: tuple[int, int] = DEFAULT_COST_INPUT,
-) -> list[CostTerm]:
+def build_terms(sources: list[str], lambdas: list[float], taus: list[float], spec: TableSpec) -> list[CostTerm]:
     """One ``CostTerm`` per source; a single lambda/tau applies to all, else one per source in order."""
 
     def spread(values: list[float], what: str) -> list[float]:
@@ -332,13 +294,9 @@ def build_terms(
     terms = []
     for source, lam, tau in zip(sources, lams, taus_, strict=True):
         print(f"cost: loading {source}", file=sys.stderr)
-        table = load_cost(source, space, head, input_hw)
+        table = load_cost(source, spec)
         taken = {t.cost.name for t in terms}
         if table.name in taken:  # two LUTs of one backend (e.g. two agents): keep the names apart
             table.name = f"{table.name}#{sum(1 for n in taken if n.split('#')[0] == table.name) + 1}"
         terms.append(CostTerm(table, lam, tau))
     return terms
-
-
-def arch_costs(terms: list[CostTerm], arch: ArchSpec) -> dict[str, float]:
-    return {term.cost.name: term.cost.arch_cost(arch.ops) for term in terms}

@@ -76,7 +76,7 @@ def run_demo(
     from pose.evaluate import evaluate_model, primary_metric
     from pose.export import export_onnx, parity
     from pose.models import PRESETS, build_model
-    from pose.space import ArchSpec
+    from pose.space import ArchSpec, TableSpec
     from pose.train import train
     from search.loop import SearchConfig, run_search
 
@@ -98,7 +98,8 @@ def run_demo(
         device = client.device()
         _say(f"      agent {agent.url} on {device.get('fingerprint', device).get('cpu', 'this machine')}")
         _say(f"[2/7] building the {BACKEND} LUT of the small space at {LUT_INPUT[0]}x{LUT_INPUT[1]}, batch 1, 1 thread")
-        doc = client.request_lut("small", BACKEND, input_hw=LUT_INPUT, joints=JOINTS)
+        spec = TableSpec("small", LUT_INPUT, joints=JOINTS)
+        doc = client.request_lut(spec, BACKEND)
         lut_path = save_document(doc, out / f"lut-{BACKEND}.json")
         table = LutTable.from_document(doc)
         clock = stage("lut", clock)
@@ -155,9 +156,7 @@ def run_demo(
 
         _say("[7/7] measuring real latency: exported files in ONNX Runtime, and both networks on the agent")
         local = _time_onnx({"derived": derived_onnx, "efficientpose-a": reference_onnx}, LUT_INPUT, latency_rounds)
-        on_agent = client.measure_networks(
-            "small", [arch.ops, PRESETS["efficientpose-a"].ops], BACKEND, input_hw=LUT_INPUT, joints=JOINTS
-        )
+        on_agent = client.measure_networks(spec, [arch.ops, PRESETS["efficientpose-a"].ops], BACKEND)
         clock = stage("latency", clock)
 
     with torch.no_grad():

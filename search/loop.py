@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from pose.checkpoint import save_atomic
 from pose.models import PoseNet
-from pose.space import ArchSpec, SearchSpace
-from search.cost import CostTable, CostTerm, HeadOptions, build_terms
+from pose.space import ArchSpec, SearchSpace, TableSpec
+from search.cost import CostTable, CostTerm, build_terms
 from search.data import heatmap_accuracy, heatmap_loss, open_train_set, pose_loader, set_epoch, unpack_batch
 from search.supernet import Supernet, sample_arch, space_of
 
@@ -250,11 +250,11 @@ def run_search(
     dataset, plain, joints = open_train_set(cfg.data, cfg.input_hw, seed=cfg.seed)
     weight_idx, arch_idx = split_indices(len(dataset), cfg.arch_fraction, cfg.seed)
     weight_set, arch_set, val_set = Subset(dataset, weight_idx), Subset(dataset, arch_idx), Subset(plain, arch_idx)
-    head = HeadOptions(joints, tuple(cfg.head_widths), cfg.head_style, cfg.sic)
+    spec = TableSpec(space, cfg.cost_input_hw, 1, joints, tuple(cfg.head_widths), cfg.head_style, cfg.sic)
     if state is not None:
         terms = deserialize_costs(state["costs"])
     else:
-        terms = build_terms(cfg.costs, cfg.lambdas, cfg.taus, space, head, cfg.cost_input_hw)
+        terms = build_terms(cfg.costs, cfg.lambdas, cfg.taus, spec)
 
     seed_everything(cfg.seed)
     net = Supernet(
@@ -489,8 +489,8 @@ def run_random_search(
     dataset, plain, joints = open_train_set(cfg.data, cfg.input_hw, seed=cfg.seed)
     weight_idx, arch_idx = split_indices(len(dataset), cfg.arch_fraction, cfg.seed)
     weight_set, val_set = Subset(dataset, weight_idx), Subset(plain, arch_idx)
-    head = HeadOptions(joints, tuple(cfg.head_widths), cfg.head_style, cfg.sic)
-    terms = build_terms(cfg.costs, cfg.lambdas, cfg.taus, space, head, cfg.cost_input_hw)
+    spec = TableSpec(space, cfg.cost_input_hw, 1, joints, tuple(cfg.head_widths), cfg.head_style, cfg.sic)
+    terms = build_terms(cfg.costs, cfg.lambdas, cfg.taus, spec)
     generator = torch.Generator().manual_seed(cfg.seed)
     head_kwargs = {"head_widths": tuple(cfg.head_widths), "head_style": cfg.head_style, "sic": cfg.sic}
     archs = [sample_arch(space, generator, head_kwargs, name=f"random-{i}") for i in range(n)]

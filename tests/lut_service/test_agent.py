@@ -13,9 +13,9 @@ import torch
 
 from lut_service.client import AgentClient, AgentError
 from lut_service.lut import LutTable
-from lut_service.plan import lut_keys
+from lut_service.plan import plan_entries
 from pose.models import PRESETS
-from pose.space import SMALL, fixed_keys, space_keys
+from pose.space import SMALL, TableSpec, fixed_keys, space_keys, table_keys
 
 TINY_SPACE = {"name": "tiny", "stem_channels": 8, "stages": [[16, 2, 1]]}
 TINY2 = {"name": "tiny2", "stem_channels": 8, "stages": [[16, 2, 2]]}
@@ -37,7 +37,7 @@ def small_luts(agent, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     with AgentClient(agent.url, cache_dir=cache) as client:
         return {
-            backend: client.request_lut("small", backend, progress=False)
+            backend: client.request_lut(TableSpec("small"), backend, progress=False)
             for backend in ("onnxruntime-cpu", "torch-cpu")
         }
 
@@ -58,9 +58,9 @@ def test_small_lut(small_luts, backend):
     doc = small_luts[backend]
     keys = [entry["key"] for entry in doc["entries"]]
     assert len(keys) == len(set(keys))
-    expected = fixed_keys(SMALL, (256, 256)) + space_keys(SMALL, (256, 256))
-    assert keys == lut_keys(SMALL, (256, 256), 1, 16, (64, 32), "plain", True)
-    assert sorted(keys) == sorted(expected)
+    spec = TableSpec(SMALL)
+    assert keys == table_keys(spec) == fixed_keys(spec) + space_keys(spec)
+    assert keys == [entry.key for entry in plan_entries(spec)]
     assert doc["backend"] == backend and doc["batch"] == 1 and doc["threads"] == 1 and doc["dtype"] == "float32"
     assert doc["input"] == [256, 256] and doc["space"]["name"] == "small"
     assert doc["overhead_key"] in keys and doc["device"]["torch"] == torch.__version__
@@ -220,7 +220,7 @@ def test_cuda_lut(agent, backend):
         device = client.device()
         if backend not in device["backends"]:
             pytest.skip(device["unavailable"][backend])
-        doc = client.request_lut(TINY_SPACE, backend, input_hw=(64, 64), batch=2, progress=False)
+        doc = client.request_lut(TableSpec(TINY_SPACE, (64, 64), batch=2), backend, progress=False)
     assert doc["device"]["gpus"] and len(doc["entries"]) == 9
     assert all(entry["median_ms"] >= 0 for entry in doc["entries"])
 
@@ -235,7 +235,7 @@ def test_document_is_canonical_json(agent, small_luts):
 def test_measure_networks_end_to_end(agent):
     archs = [["k3e3", "skip"], ["k7e6", "k5e3"]]
     with AgentClient(agent.url) as client:
-        result = client.measure_networks(TINY2, archs, "onnxruntime-cpu", input_hw=(64, 64), progress=False)
+        result = client.measure_networks(TableSpec(TINY2, (64, 64)), archs, "onnxruntime-cpu", progress=False)
     assert result["clock"] == "thread-cpu" and len(result["latencies"]) == 2
     assert all(lat["median_ms"] > 0 and lat["samples"] >= 3 for lat in result["latencies"])
 

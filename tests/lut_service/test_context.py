@@ -9,15 +9,16 @@ from lut_service.plan import plan_entries
 from lut_service.settings import Budget
 from lut_service.timing import tune_allocator
 from pose.models import PoseNet
-from pose.space import SMALL, get_space
+from pose.space import SMALL, TableSpec, get_space
 
 FAST = Budget(warmup_runs=1, warmup_s=0, min_samples=3, max_samples=6, max_seconds=0.01, min_sample_ms=0)
 TINY = get_space({"name": "tiny", "stem_channels": 8, "stages": [[16, 2, 2], [24, 1, 2]]})
 
 
 def test_uniform_networks_cover_every_layer_key():
-    nets = context_nets(SMALL, (256, 256), 8, 16, (64, 32), "plain", True)
-    planned = {e.key for e in plan_entries(SMALL, (256, 256), 8, 16, (64, 32), "plain", True) if e.kind == "mbconv"}
+    spec = TableSpec(SMALL, (256, 256), batch=8)
+    nets = context_nets(spec)
+    planned = {e.key for e in plan_entries(spec) if e.kind == "mbconv"}
     covered = {key for net in nets for part, key in net.parts.items() if part.startswith("layers.")}
     assert covered == planned
     assert all(set(net.arch.ops) == {net.op} for net in nets)
@@ -25,7 +26,7 @@ def test_uniform_networks_cover_every_layer_key():
 
 @pytest.mark.parametrize("backend", ["torch-cpu", "onnxruntime-cpu"])
 def test_parts_are_attributed_to_stem_layers_and_head(backend, tmp_path):
-    net = context_nets(TINY, (64, 64), 1, 16, (16,), "plain", True)[0]
+    net = context_nets(TableSpec(TINY, (64, 64), head_widths=(16,)))[0]
     runner = make_part_runner(backend, PoseNet(net.arch, 16), (1, 3, 64, 64), 1, tmp_path, "auto")
     try:
         assert runner.run(2) > 0
@@ -39,8 +40,9 @@ def test_parts_are_attributed_to_stem_layers_and_head(backend, tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch-cpu", "onnxruntime-cpu"])
 def test_context_lut_times_every_non_overhead_key(backend, tmp_path):
-    timings = context_lut(backend, TINY, (64, 64), 1, 16, (16,), "plain", True, 1, 0.0, FAST, tmp_path)
-    planned = {e.key for e in plan_entries(TINY, (64, 64), 1, 16, (16,), "plain", True) if e.kind != "overhead"}
+    spec = TableSpec(TINY, (64, 64), head_widths=(16,))
+    timings = context_lut(backend, spec, 0.0, FAST, tmp_path)
+    planned = {e.key for e in plan_entries(spec) if e.kind != "overhead"}
     assert set(timings) == planned
     assert all(t.median_ms > 0 and t.samples >= 3 for t in timings.values())
     assert not list(tmp_path.iterdir())  # exported models and profiler files are removed

@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from lut_service.client import AgentClient
+from pose.space import TableSpec
 
 HEADERS = ("etag", "content-type", "content-length")
 
@@ -13,7 +14,7 @@ HEADERS = ("etag", "content-type", "content-length")
 @pytest.fixture(scope="module")
 def lut_id(agent, tmp_path_factory) -> str:
     with AgentClient(agent.url, cache_dir=tmp_path_factory.mktemp("cache")) as client:
-        return client.request_lut("small", "torch-cpu", progress=False)["id"]
+        return client.request_lut(TableSpec("small"), "torch-cpu", progress=False)["id"]
 
 
 def test_cached_answer_equals_route_answer(agent, lut_id):

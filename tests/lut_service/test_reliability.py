@@ -24,6 +24,7 @@ import pytest
 
 from lut_service.client import AgentClient, AgentError
 from lut_service.local import free_port
+from pose.space import TableSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-token-for-tests"
@@ -251,7 +252,7 @@ def test_twenty_clients_one_job_identical_tables(guarded):
 
 def test_reads_are_served_while_the_worker_writes(guarded):
     with AgentClient(guarded.url, token=TOKEN) as client:
-        ready = client.request_lut(TINY, "torch-cpu", input_hw=(64, 64), progress=False)
+        ready = client.request_lut(TableSpec(TINY, (64, 64)), "torch-cpu", progress=False)
     body = {"space": CRASH_SPACE, "backend": "torch-cpu", "input": [80, 80], "budget": {"warmup_s": 0.1}}
     accepted = httpx.post(f"{guarded.url}/v1/luts", json=body, headers=AUTH).json()
     job_url = f"{guarded.url}/v1/jobs/{accepted['job_id']}"
@@ -423,7 +424,7 @@ def test_out_of_memory_is_recorded_per_entry_and_the_agent_goes_on(tmp_path, age
         # create a primitive") even for small ops once memory is back: restart it, as a supervisor would.
         agent.restart()
         with AgentClient(agent.url) as client:
-            doc = client.request_lut(TINY, "torch-cpu", input_hw=(64, 64), progress=False, timeout_s=120)
+            doc = client.request_lut(TableSpec(TINY, (64, 64)), "torch-cpu", progress=False, timeout_s=120)
         assert len(doc["entries"]) == 9
         assert len(db_rows(agent.db_path, accepted["lut_id"])) == job["done"]  # the partial table is kept
         check_db(agent.db_path)
@@ -470,18 +471,17 @@ def test_client_and_cli_send_the_token(guarded, tmp_path, monkeypatch):
         client.submit({"space": TINY, "backend": "torch-cpu", "input": [64, 64]})
     monkeypatch.setenv("EFFPOSE_TOKEN", TOKEN)
     with AgentClient(guarded.url, cache_dir=tmp_path) as client:  # from the environment
-        doc = client.request_lut(TINY, "torch-cpu", input_hw=(64, 64), progress=False)
+        doc = client.request_lut(TableSpec(TINY, (64, 64)), "torch-cpu", progress=False)
     assert len(doc["entries"]) == 9
     # the search's --cost URL goes through the same client, so it passes EFFPOSE_TOKEN too
-    from pose.space import get_space
     from search.cost import load_cost
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    table = load_cost(f"{guarded.url}?backend=torch-cpu", get_space(TINY), input_hw=(64, 64))
+    table = load_cost(f"{guarded.url}?backend=torch-cpu", TableSpec(TINY, (64, 64)))
     assert table is not None
     monkeypatch.delenv("EFFPOSE_TOKEN")
     with pytest.raises(AgentError, match="401"):
-        load_cost(f"{guarded.url}?backend=torch-cpu", get_space(TINY), input_hw=(80, 80))
+        load_cost(f"{guarded.url}?backend=torch-cpu", TableSpec(TINY, (80, 80)))
     space = tmp_path / "tiny.json"
     space.write_text(json.dumps(TINY))
     cmd = [sys.executable, "-m", "effpose", "lut", "build", "--agent", guarded.url, "--space", str(space)]
@@ -498,7 +498,7 @@ def test_protected_reads_cover_the_cached_fast_path(tmp_path, agent_factory):
     agent = agent_factory(tmp_path, {"EFFPOSE_TOKEN": TOKEN, "EFFPOSE_PROTECT_READS": "1"}).start()
     try:
         with AgentClient(agent.url, token=TOKEN, cache_dir=tmp_path / "cache") as client:
-            doc = client.request_lut(TINY, "torch-cpu", input_hw=(64, 64), progress=False)
+            doc = client.request_lut(TableSpec(TINY, (64, 64)), "torch-cpu", progress=False)
             again = client.submit({"space": TINY, "backend": "torch-cpu", "input": [64, 64]})
         lut_url = f"{agent.url}/v1/luts/{doc['id']}"
         first = httpx.get(lut_url, headers=AUTH)

@@ -12,13 +12,13 @@ from lut_service import crud
 from lut_service.client import AgentClient, AgentError, fetch_lut
 from lut_service.db import init_db, make_engine, session_scope
 from lut_service.fingerprint import device_id, fingerprint
-from lut_service.lut import LutTable, load_document, save_document, summarize
+from lut_service.lut import LutTable, document_summary, load_document, save_document
 from lut_service.models import Measurement
 from lut_service.plan import largest_activation, plan_entries
 from lut_service.settings import Budget, Settings
 from lut_service.timing import Timing, available_backends, measure, measure_module, timing_stats
 from pose.ops import make_op
-from pose.space import SMALL, arch_keys, get_space, overhead_key
+from pose.space import SMALL, TableSpec, arch_keys, overhead_key, table_keys
 
 FAST = Budget(warmup_runs=1, warmup_s=0, min_samples=3, max_samples=10, max_seconds=0.01, min_sample_ms=0)
 TINY = {"name": "tiny", "stem_channels": 8, "stages": [[16, 2, 2]]}
@@ -89,8 +89,8 @@ def test_settings_from_env(monkeypatch, tmp_path):
 
 
 def test_plan_shares_identical_layers_and_builds_pose_ops():
-    entries = plan_entries(SMALL, (256, 256), 1, 16, (64, 32), "plain", True)
-    assert len(entries) == 51 and len({e.key for e in entries}) == 51
+    entries = plan_entries(TableSpec(SMALL))
+    assert len(entries) == 51 and [e.key for e in entries] == table_keys(TableSpec(SMALL))
     assert [e.kind for e in entries[:3]] == ["stem", "head", "overhead"]
     layer = SMALL.layers()[0]
     first = next(e for e in entries if e.kind == "mbconv")
@@ -99,7 +99,7 @@ def test_plan_shares_identical_layers_and_builds_pose_ops():
     reference = make_op("k3e3", layer.c_in, layer.c_out, layer.stride)
     assert type(module) is type(reference)
     assert [p.shape for p in module.parameters()] == [p.shape for p in reference.parameters()]
-    assert largest_activation(SMALL, (256, 256), 2, (64, 32)) > largest_activation(SMALL, (256, 256), 1, (64, 32))
+    assert largest_activation(TableSpec(SMALL, batch=2)) == 2 * largest_activation(TableSpec(SMALL))
 
 
 def test_measure_stops_at_target_or_cap():
@@ -136,21 +136,13 @@ def test_measure_module_cuda(backend, tmp_path):
 
 
 def _fake_document() -> dict:
-    space = get_space(TINY)
-    entries = plan_entries(space, (64, 64), 1, 16, (64, 32), "plain", True)
+    spec = TableSpec(TINY, (64, 64))
+    entries = plan_entries(spec)
     return {
         "id": "x" * 24,
         "device": {"id": "d", "cpu": "test cpu", "gpus": []},
         "backend": "torch-cpu",
-        "batch": 1,
-        "dtype": "float32",
-        "threads": 1,
-        "input": [64, 64],
-        "space": space.to_spec().model_dump(mode="json"),
-        "joints": 16,
-        "head_widths": [64, 32],
-        "head_style": "plain",
-        "sic": True,
+        **spec.as_fields(),
         "overhead_key": overhead_key((64, 64)),
         "entries": [
             {"key": e.key, "median_ms": float(i + 1), "p10_ms": i + 0.9, "p90_ms": i + 1.1, "iqr_ms": 0.1, "samples": 9}
@@ -165,19 +157,22 @@ def test_lut_table_predicts_by_summing_arch_keys(tmp_path):
     doc = _fake_document()
     table = LutTable.from_document(doc)
     arch = ArchSpec(space=TINY, ops=["k5e6", "skip"])
-    keys = arch_keys(arch, (64, 64), 16)
+    assert table.spec == TableSpec(TINY, (64, 64))
+    keys = arch_keys(arch, TableSpec.for_arch(arch, input_hw=(64, 64)))
     assert len(keys) == 4  # stem, head, overhead, one op (skip is free)
+    with pytest.raises(ValueError, match="does not match the table spec"):
+        arch_keys(arch, TableSpec(TINY, (64, 64), head_widths=(32,)))
     assert table.predict(arch) == pytest.approx(sum(table.cost(k) for k in keys))
     assert table.cost(None) == 0.0 and table.missing(keys + [None]) == []
     assert table.missing(["nope"]) == ["nope"]
     with pytest.raises(KeyError, match="nope"):
         table.cost("nope")
-    with pytest.raises(KeyError, match="lacks"):
-        table.predict(arch, input_hw=(128, 128))
+    with pytest.raises(KeyError, match="lacks 1 keys"):  # another head: its key is not in this table
+        table.predict(ArchSpec(space=TINY, ops=["k5e6", "skip"], head_widths=(32,)))
     path = save_document(doc, tmp_path / "lut.json")
     assert LutTable.load(path).costs == table.costs
     assert fetch_lut(path) == doc
-    summary = summarize(doc)
+    summary = document_summary(doc)
     assert summary["entries"] == 15 and summary["per_stage"]["stage 1"]["entries"] == 12
 
 

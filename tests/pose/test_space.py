@@ -12,11 +12,14 @@ from pose.space import (
     SKIP,
     SMALL,
     ArchSpec,
+    TableSpec,
     arch_keys,
+    fixed_keys,
     get_space,
     layer_key,
     parse_hw,
     space_keys,
+    table_keys,
 )
 
 
@@ -106,10 +109,45 @@ def test_lut_keys():
     )
     assert layer_key(SKIP, SMALL.layers()[1]) is None
     # Each stage contributes 6 keys for its first layer and 6 for the identical rest.
-    assert len(space_keys(SMALL, (256, 256))) == 48
-    keys = arch_keys(PRESETS["efficientpose-a"], (256, 256), 16)
-    assert keys[0].startswith("stem-") and any(k.startswith("head-") for k in keys)
+    spec = TableSpec(SMALL)
+    assert len(space_keys(spec)) == 48
+    assert table_keys(spec) == fixed_keys(spec) + space_keys(spec) and len(set(table_keys(spec))) == 51
+    assert fixed_keys(spec) == [
+        "stem-input:256x256x3-output:128x128x16-batch:1",
+        "head-input:16x16x96-output:64x64x16-widths:64,32-style:plain-sic:1-batch:1",
+        "overhead-input:256x256x3-batch:1",
+    ]
+    arch = PRESETS["efficientpose-a"]
+    keys = arch_keys(arch, TableSpec.for_arch(arch))
+    assert keys[:3] == fixed_keys(TableSpec.for_arch(arch))
     assert sum(k.startswith("mbconv-") for k in keys) == 26  # two skips are free
+    assert set(keys) <= set(table_keys(TableSpec.for_arch(arch)))
+    with pytest.raises(ValueError, match="does not match the table spec"):
+        arch_keys(arch, TableSpec(LARGE))
+
+
+def test_table_spec_is_one_normalised_value():
+    spec = TableSpec("small", [128, 96], 8, 17, [128], "mbv2", 0, threads=2)
+    assert spec.space is SMALL and spec.input_hw == (128, 96) and spec.head_widths == (128,) and spec.sic is False
+    fields = spec.as_fields()
+    assert fields["space"] == SMALL.to_spec().model_dump(mode="json") and fields["input"] == [128, 96]
+    assert TableSpec.from_fields(json.loads(json.dumps(fields))) == spec
+    assert hash(TableSpec.from_fields(fields)) == hash(spec)
+    assert spec.as_fields(space_by_name=True)["space"] == "small"
+    inline = TableSpec({"name": "small", "stem_channels": 8, "stages": [[16, 2, 2]]})
+    assert inline.as_fields(space_by_name=True)["space"]["stem_channels"] == 8  # not the built-in small
+    arch = spec.arch(["k3e3"] * SMALL.num_layers, name="x")
+    assert arch.head_widths == (128,) and arch.head_style == "mbv2" and arch.sic is False
+    assert TableSpec.for_arch(arch, input_hw=(128, 96), batch=8, joints=17, threads=2) == spec
+    for bad, message in (
+        ({"batch": 0}, "batch must be >= 1"),
+        ({"joints": 0}, "joints must be >= 1"),
+        ({"head_widths": ()}, "head_widths"),
+        ({"head_style": "fancy"}, "head_style"),
+        ({"input_hw": (64,)}, "input_hw"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TableSpec(SMALL, **bad)
 
 
 def test_parse_hw():

@@ -14,7 +14,7 @@ import pytest
 
 from lut_service.local import LocalAgent
 from lut_service.lut import LutTable
-from pose.space import ArchSpec
+from pose.space import ArchSpec, TableSpec
 
 # A tiny timing budget (read by the agent from its environment) keeps profiling to seconds.
 FAST_BUDGET = {
@@ -89,9 +89,9 @@ def test_search_with_a_live_agent_then_cached_table_then_clear_error(tmp_path, a
     from lut_service.client import AgentClient
 
     with AgentClient(url, cache_dir=tmp_path / "other-cache") as client:
-        doc = client.request_lut(tiny_space, "torch-cpu", input_hw=(64, 64), joints=summary["joints"], progress=False)
+        doc = client.request_lut(TableSpec(tiny_space, (64, 64), joints=summary["joints"]), "torch-cpu", progress=False)
     arch = ArchSpec.load(tmp_path / "live" / "arch.json")
-    predicted = LutTable.from_document(doc).predict(arch, (64, 64), summary["joints"], 1)
+    predicted = LutTable.from_document(doc).predict(arch)
     assert summary["predicted_cost"]["lut:torch-cpu"]["value"] == pytest.approx(predicted, rel=1e-9)
 
     # agent failing (every request answers 500) on the same address: retries, then the cached table

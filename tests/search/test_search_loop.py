@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pose.space import ArchSpec
+from pose.space import ArchSpec, TableSpec
 from search.cost import count_table
 from search.loop import CHECKPOINT, LOG, load_search_checkpoint, run_random_search, run_search
 from search.supernet import space_of
@@ -47,7 +47,7 @@ def test_large_lambda_derives_a_cheaper_network(tmp_path, make_config):
         if lam > 0:  # the expected cost falls once alpha is trained
             assert history[-1]["expected_cost"]["flops"] < history[0]["expected_cost"]["flops"]
     assert flops[20.0] < flops[0.0]
-    table = count_table("flops", space_of(make_config().space), (64, 64))
+    table = count_table("flops", TableSpec(space_of(make_config().space), (64, 64)))
     cheapest = table.fixed + float(table.table.masked_fill(table.table == 0, 0).min(-1).values.sum())
     assert flops[20.0] >= cheapest - 1e-9
     for name in ("arch.json", "arch.png", "search.png", "search.json", LOG, CHECKPOINT):
@@ -132,11 +132,10 @@ def test_kill_9_mid_search_then_resume_ends_with_the_same_alpha(tmp_path, tiny_s
 
 
 def test_lut_missing_keys_error_lists_them(tmp_path, tiny_space):
-    from pose.space import overhead_key
-    from search.cost import HeadOptions, needed_keys
+    from pose.space import overhead_key, table_keys
 
     space = space_of(tiny_space)
-    keys = needed_keys(space, (64, 64), 1, HeadOptions(joints=17))
+    keys = table_keys(TableSpec(space, (64, 64), joints=17))
     dropped = keys[3:5]
     doc = {
         "id": "t", "device": {"name": "test"}, "backend": "onnxruntime-cpu", "batch": 1, "dtype": "float32",
@@ -165,7 +164,7 @@ def test_lut_missing_keys_error_lists_them(tmp_path, tiny_space):
     lut.write_text(json.dumps(doc))
     from search.cost import load_cost
 
-    table = load_cost(str(lut), space, HeadOptions(joints=17))
+    table = load_cost(str(lut), TableSpec(space, joints=17))
     assert table.unit == "ms" and table.name == "lut:onnxruntime-cpu"
     assert table.fixed == pytest.approx(3.0)  # stem, head, per-call overhead at 1 ms each
 

@@ -9,8 +9,8 @@ import torch
 
 from pose.counting import count
 from pose.models import PRESETS, PoseNet
-from pose.space import CANDIDATE_OPS, SKIP, ArchSpec, get_space
-from search.cost import CostTerm, HeadOptions, count_table
+from pose.space import CANDIDATE_OPS, SKIP, ArchSpec, TableSpec, get_space
+from search.cost import CostTerm, count_table
 from search.supernet import Supernet, sample_arch
 
 
@@ -80,7 +80,7 @@ def test_drop_path_skips_candidates_in_mixed_weight_steps(tiny_space):
 
 def test_cost_gradient_reaches_alpha_and_prefers_cheap_ops():
     space = get_space("small")
-    table = count_table("flops", space, (128, 128), HeadOptions(joints=16))
+    table = count_table("flops", TableSpec(space, (128, 128), joints=16))
     net = Supernet(space)
     term = CostTerm(table, lam=1.0, tau=10.0)
     loss = term.loss(net.probs())
@@ -106,7 +106,7 @@ def test_cost_gradient_reaches_alpha_and_prefers_cheap_ops():
 def test_counted_cost_of_an_arch_matches_the_whole_network(kind):
     """fixed + sum of per-layer counts == pose.counting on the PoseNet of the derived ops (additivity)."""
     arch = PRESETS["efficientpose-a"]
-    table = count_table(kind, arch.search_space, (128, 128), HeadOptions(joints=16))
+    table = count_table(kind, TableSpec.for_arch(arch, input_hw=(128, 128), joints=16))
     counts = count(PoseNet(arch, 16), (128, 128))
     whole = counts.gflops_paper if kind == "flops" else counts.params / 1e6
     assert table.arch_cost(arch.ops) == pytest.approx(whole, rel=1e-9)
@@ -132,7 +132,7 @@ def test_derive_and_random_archs_are_valid_arch_specs(tmp_path, tiny_space):
 def test_bad_settings_are_value_errors(tiny_space):
     with pytest.raises(ValueError, match="mode"):
         Supernet("small", mode="nope")  # type: ignore[arg-type]
-    table = count_table("flops", get_space(tiny_space), (64, 64))
+    table = count_table("flops", TableSpec(get_space(tiny_space), (64, 64)))
     with pytest.raises(ValueError, match="tau"):
         CostTerm(table, 0.1, 1.0)
     with pytest.raises(ValueError, match="lambda"):
