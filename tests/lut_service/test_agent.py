@@ -146,15 +146,26 @@ def test_identical_requests_share_one_job(agent):
 def test_unfinished_job_resumes_after_restart(agent):
     body = {"space": TINY_SPACE, "backend": "onnxruntime-cpu", "input": [96, 96], "budget": {"warmup_s": 0.3}}
     accepted = httpx.post(f"{agent.url}/v1/luts", json=body).json()
-    time.sleep(0.5)
-    agent.restart()  # the worker stops between entries; the job stays 'running'
+    job_id, deadline = accepted["job_id"], time.monotonic() + 120
+    with AgentClient(agent.url) as client:  # stop only once some, not all, entries are stored
+        while not 0 < (job := client.job(job_id))["done"] < job["total"]:
+            assert job["state"] in ("queued", "running") and time.monotonic() < deadline, job
+            time.sleep(0.02)
+    agent.stop()  # the worker stops between entries; the job stays 'running'
+    (stopped,) = [row for row in jobs(agent.db_path) if row[0] == job_id]
+    assert stopped[2] == "running" and 0 < stopped[3] < stopped[4], stopped
+    before = measurement_rows(agent.db_path)
+    agent.start()
     with AgentClient(agent.url) as client:
-        job = client.wait(accepted["job_id"], progress=False, poll_s=0.1, timeout_s=120)
+        job = client.wait(job_id, progress=False, poll_s=0.1, timeout_s=120)
         doc = client.get_lut(accepted["lut_id"], use_stale=False)
-    assert job["state"] == "done" and job["done"] == job["total"]
+    assert job["state"] == "done" and job["done"] == job["total"] == 9
+    after = measurement_rows(agent.db_path)
+    assert set(before) <= set(after)  # rows stored before the stop are kept as they were, not measured again
+    assert len(after) - len(before) == job["total"] - stopped[3]  # only the missing entries were measured
     wanted = {entry["key"] for entry in doc["entries"]}
-    keys = [row[1] for row in measurement_rows(agent.db_path) if row[1] in wanted and row[2] == "onnxruntime-cpu"]
-    assert len(keys) == len(set(keys)) == job["total"] == 9
+    keys = [row[1] for row in after if row[1] in wanted and row[2] == "onnxruntime-cpu"]
+    assert len(keys) == len(set(keys)) == job["total"]
 
 
 def test_unknown_job_and_lut(agent):

@@ -1,7 +1,8 @@
 """Issue 7, agent side: crashes (kill -9), concurrent clients, limits, timeouts and partial failure, auth.
 
 Everything runs for real: agent subprocesses on 127.0.0.1 (``LocalAgent``), SIGKILL, real SQLite files,
-threads of real HTTP clients. No timing assertion is tighter than a generous 5 s.
+threads of real HTTP clients. Nothing here asserts a duration (read latency under a writing worker is
+measured by benchmarks/read_latency.py, against an idle-worker baseline); ``PROMPT_S`` bounds socket waits.
 """
 
 from __future__ import annotations
@@ -258,7 +259,6 @@ def test_reads_are_served_while_the_worker_writes(guarded):
     job_url = f"{guarded.url}/v1/jobs/{accepted['job_id']}"
     wait_for(lambda: httpx.get(job_url).json()["state"] == "running")
     first_done = httpx.get(job_url).json()["done"]
-    latencies: dict[str, float] = {}
     paths = {
         "health": "/v1/health",
         "job": f"/v1/jobs/{accepted['job_id']}",
@@ -271,15 +271,11 @@ def test_reads_are_served_while_the_worker_writes(guarded):
         # read everything over and over until the job is done: its entries are written meanwhile
         while (job := http.get(paths["job"]).json())["state"] == "running":
             for name, path in paths.items():
-                start = time.perf_counter()
                 response = http.get(path)
-                latencies[name] = max(latencies.get(name, 0.0), time.perf_counter() - start)
                 expected = (409, 200) if name == "lut incomplete" else (200,)  # 200 once the last entry landed
                 assert response.status_code in expected, response.text
             rounds += 1
     assert job["state"] == "done" and job["done"] == job["total"] > first_done and rounds >= 1
-    print("slowest GET during profiling (s):", {k: round(v, 4) for k, v in latencies.items()})
-    assert max(latencies.values()) < PROMPT_S
 
 
 # -- 3. limits, timeouts, partial failure ------------------------------------------------------------
@@ -307,12 +303,9 @@ LIMITED = [
 def test_limits_answer_422_naming_the_limit_before_allocating(guarded, body, message):
     before = peak_rss_kib(guarded.pid)
     for path, extra in (("/v1/luts", {}), ("/v1/networks", {"archs": [["k3e3"]]})):
-        start = time.perf_counter()
         response = httpx.post(f"{guarded.url}{path}", json={**body, **extra}, headers=AUTH, timeout=30)
-        elapsed = time.perf_counter() - start
         assert response.status_code == 422, response.text
         assert message in response.json()["detail"]
-        assert elapsed < PROMPT_S
     assert peak_rss_kib(guarded.pid) - before < 64 * 1024  # nothing near the requested size was allocated
 
 
@@ -478,7 +471,9 @@ def test_client_and_cli_send_the_token(guarded, tmp_path, monkeypatch):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     table = load_cost(f"{guarded.url}?backend=torch-cpu", TableSpec(TINY, (64, 64)))
-    assert table is not None
+    assert table.name == "lut:torch-cpu" and table.unit == "ms" and table.meta["id"] == doc["id"]
+    fixed = [e["median_ms"] for e in doc["entries"] if e["key"].split("-")[0] in ("stem", "head", "overhead")]
+    assert len(fixed) == 3 and table.fixed == pytest.approx(sum(fixed))
     monkeypatch.delenv("EFFPOSE_TOKEN")
     with pytest.raises(AgentError, match="401"):
         load_cost(f"{guarded.url}?backend=torch-cpu", TableSpec(TINY, (80, 80)))
