@@ -16,6 +16,7 @@ from lut_service.fingerprint import device_id, fingerprint
 from lut_service.guard import GuardMiddleware
 from lut_service.routes import router
 from lut_service.settings import Settings
+from lut_service.ui import router as ui_router
 from lut_service.worker import Worker
 
 
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(ui_router)  # the dashboard's HTML pages under /ui (not in the OpenAPI schema)
     app.add_middleware(CachedLutMiddleware)  # complete LUT documents answered before routing
     # Added last, so outermost: auth and the body limit come before the fast path and any parsing.
     app.add_middleware(

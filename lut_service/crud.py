@@ -218,3 +218,35 @@ def next_job(session: Session) -> Job | None:
         .order_by((Job.state == "running").desc(), Job.created_at, Job.id)
         .limit(1)
     )
+
+
+def list_devices(session: Session) -> list[Device]:
+    """Every device with rows in this store (one with a private SQLite file, many with a fleet store)."""
+    return list(session.scalars(select(Device).order_by(Device.created_at, Device.id)))
+
+
+def list_luts(
+    session: Session,
+    *,
+    device_id: str | None = None,
+    backend: str | None = None,
+    batch: int | None = None,
+    threads: int | None = None,
+    limit: int = 1000,
+) -> list[Lut]:
+    """Stored tables, newest first, optionally filtered (the dashboard's table list)."""
+    query = select(Lut)
+    filters = ((Lut.device_id, device_id), (Lut.backend, backend), (Lut.batch, batch), (Lut.threads, threads))
+    for column, value in filters:
+        if value is not None:
+            query = query.where(column == value)
+    return list(session.scalars(query.order_by(Lut.created_at.desc(), Lut.id).limit(limit)))
+
+
+def list_jobs(session: Session, *, lut_id: str | None = None, limit: int = 200) -> list[Job]:
+    """Jobs, unfinished ones first (oldest first, the worker's order), then finished ones newest first."""
+    query = select(Job) if lut_id is None else select(Job).where(Job.lut_id == lut_id)
+    active = Job.state.in_(ACTIVE_STATES)
+    jobs = list(session.scalars(query.order_by(active.desc(), Job.created_at.desc(), Job.id).limit(limit)))
+    unfinished = [job for job in jobs if job.state in ACTIVE_STATES][::-1]
+    return unfinished + jobs[len(unfinished) :]
