@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import effpose.demo
 import lut_service.cli
 import pose.cli
 import search.cli
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     pose.cli.register(commands)
     lut_service.cli.register(commands)
     search.cli.register(commands)
+    effpose.demo.register(commands)
     return parser
 
 

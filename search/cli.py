@@ -7,7 +7,6 @@ import json
 import sys
 
 from pose.space import parse_hw
-from search import demo
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -41,6 +40,23 @@ def register(commands: argparse._SubParsersAction) -> None:
         "the cost dominate (the cheapest ops win) and lambda ~0.01-0.05 trades accuracy against cost",
     )
     p.add_argument(
+        "--target",
+        dest="targets",
+        action="append",
+        type=float,
+        metavar="T",
+        help="budget of the matching --cost, in its unit: ms for a LUT or agent, GFLOPs (paper convention) for "
+        "flops, millions for params; give one per --cost. With targets the search holds the expected cost at "
+        "the budget (search.budget) instead of lambda * log_tau(cost), and the derived network is repaired to "
+        "fit every budget",
+    )
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=1.0,
+        help="weight of the budget loss beta * |max_i E[cost_i]/T_i - 1| (default 1; scale-free)",
+    )
+    p.add_argument(
         "--tau",
         dest="taus",
         action="append",
@@ -67,6 +83,25 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-lr", type=float, default=0.05, help="SGD learning rate of the weights (cosine to 0)")
     p.add_argument("--arch-lr", type=float, default=3e-4, help="Adam learning rate of alpha")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="Gumbel temperature of sampled alpha steps at the first search epoch (default 1)",
+    )
+    p.add_argument(
+        "--temperature-end",
+        type=float,
+        default=None,
+        help="Gumbel temperature at the last search epoch, annealed geometrically (default: no annealing)",
+    )
+    p.add_argument(
+        "--entropy-weight",
+        type=float,
+        default=None,
+        help="weight of the mean alpha entropy in the alpha loss, ramped from 0 at the first search epoch to this "
+        "at the last: makes the search commit (default 0)",
+    )
     p.add_argument("--drop-path", type=float, default=0.2, help="drop probability of a candidate in weight steps")
     p.add_argument("--max-batches", type=int, default=None, help="cap on batches per phase and epoch (smoke runs)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
@@ -84,7 +119,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=cmd_search)
-    demo.register(commands)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -113,9 +147,18 @@ def cmd_search(args: argparse.Namespace) -> int:
         weight_lr=args.weight_lr,
         arch_lr=args.arch_lr,
         drop_path=args.drop_path,
+        targets=args.targets,
+        beta=args.beta,
         workers=args.workers,
         max_batches=args.max_batches,
     )
+    for name, value in (
+        ("gumbel_temperature", args.temperature),
+        ("gumbel_temperature_end", args.temperature_end),
+        ("entropy_weight", args.entropy_weight),
+    ):
+        if value is not None:
+            setattr(cfg, name, value)
     progress = not args.no_progress
     if args.random is not None:
         summary = run_random_search(cfg, args.out, args.random, args.short_epochs, args.resume, progress)
@@ -127,11 +170,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     print(f"derived architecture: {summary['arch']}")
     print("ops: " + " ".join(summary["ops"]))
-    for name, value in summary["predicted_cost"].items():
-        print(
-            f"predicted {name}: {value['value']:.4g} {value['unit']} (input {value['input'][0]}x{value['input'][1]}, "
-            f"batch {value['batch']})"
-        )
+    print_budget(summary)
     if "random" in summary:
         best = summary["random"]["best"]
         print(
@@ -141,3 +180,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"pictures: {summary['out']}/arch.png" + ("" if "random" in summary else f", {summary['out']}/search.png"))
     sys.stdout.flush()
     return 0
+
+
+def print_budget(summary: dict) -> None:
+    """Predicted cost against target per term, the layers the repair step changed, and convergence figures."""
+    for name, value in summary["predicted_cost"].items():
+        line = (
+            f"predicted {name}: {value['value']:.4g} {value['unit']} (input {value['input'][0]}x{value['input'][1]}, "
+            f"batch {value['batch']})"
+        )
+        if "target" in value:
+            verdict = "within budget" if value["within"] else "OVER BUDGET"
+            line += f" | target {value['target']:.4g} {value['unit']}: {100 * value['used']:.1f}% used, {verdict}"
+        print(line)
+    for change in summary.get("repair", {}).get("changes", []):
+        print(f"repair: layer {change['layer']} {change['old']} -> {change['new']} ({change['reason']})")
+    conv = summary.get("convergence")
+    if conv and "final_entropy" in conv:
+        print(
+            f"convergence: entropy {conv['final_entropy']:.3f} nats = {100 * conv['entropy_vs_uniform']:.0f}% of "
+            f"uniform, layers changed in the last two epochs {conv['changed_layers_last_two']}: "
+            + ("decided" if conv["decided"] else "NOT decided (more epochs, a higher --arch-lr or --entropy-weight)")
+        )
+    for name, m in summary.get("measured", {}).items():
+        print(
+            f"measured on {m['agent']}: {m['ms']:.3f} ms end to end ({m['backend']}, {m['threads']} thread(s), "
+            f"batch {m['batch']}) vs predicted {summary['predicted_cost'][name]['value']:.3f} ms "
+            f"({100 * (summary['predicted_cost'][name]['value'] / m['ms'] - 1):+.1f}%)"
+        )

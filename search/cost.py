@@ -70,6 +70,7 @@ class CostTerm:
     cost: CostTable
     lam: float
     tau: float
+    target: float | None = None  # a budget in the cost's unit; with one, ``search.budget`` replaces lam/tau
 
     def __post_init__(self) -> None:
         if self.tau <= 1.0:

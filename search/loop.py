@@ -32,6 +32,7 @@ from tqdm import tqdm
 from pose.checkpoint import save_atomic
 from pose.models import PoseNet
 from pose.space import ArchSpec, SearchSpace, TableSpec
+from search.budget import budget_loss, check_targets, cost_range, repair
 from search.cost import CostTable, CostTerm, build_terms
 from search.data import heatmap_accuracy, heatmap_loss, open_train_set, pose_loader, set_epoch, unpack_batch
 from search.supernet import Supernet, sample_arch, space_of
@@ -64,6 +65,10 @@ class SearchConfig:
     arch_fraction: float = 0.2
     drop_path: float = 0.2
     gumbel_temperature: float = 1.0
+    gumbel_temperature_end: float | None = None  # annealed geometrically to this over the search epochs
+    targets: list[float] | None = None  # one budget per cost, in its unit (ms, GFLOPs, Mparams)
+    beta: float = 1.0  # weight of the budget loss (search.budget)
+    entropy_weight: float = 0.0  # commitment term, ramped linearly from 0 over the search epochs
     head_widths: tuple[int, ...] = (64, 32)
     head_style: str = "plain"
     sic: bool = True
@@ -78,6 +83,7 @@ class SearchConfig:
         return data
 
     def validate(self) -> None:
+        """Raise ValueError naming the first bad setting (before any data is read or agent asked)."""
         if self.mode not in ("mixed", "sampled"):
             raise ValueError(f"--mode must be mixed or sampled, got {self.mode!r}")
         if self.warmup_epochs < 0 or self.epochs < 0:
@@ -86,6 +92,12 @@ class SearchConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.arch_fraction < 1.0:
             raise ValueError(f"arch_fraction must be in (0, 1), got {self.arch_fraction}")
+        if any(v % 16 for v in self.input_hw):
+            raise ValueError(f"--input must be a multiple of 16 in both sides, got {self.input_hw}")
+        self._validate_costs()
+        self._validate_schedule()
+
+    def _validate_costs(self) -> None:
         if not self.costs:
             raise ValueError("at least one --cost is needed")
         for what, values in (("lambda", self.lambdas), ("tau", self.taus)):
@@ -93,6 +105,8 @@ class SearchConfig:
                 raise ValueError(
                     f"got {len(self.costs)} --cost but {len(values)} --{what}: give one, or one per --cost"
                 )
+        if self.targets is not None and len(self.targets) != len(self.costs):
+            raise ValueError(f"got {len(self.costs)} --cost but {len(self.targets)} --target: give one per --cost")
         if any(t <= 1.0 for t in self.taus):
             raise ValueError(f"--tau must be > 1 (the log base of the cost term), got {self.taus}")
         if any(lam < 0 for lam in self.lambdas):
@@ -103,8 +117,14 @@ class SearchConfig:
                     raise ValueError(
                         f"--cost {cost!r} is not flops, params, an http(s) agent/LUT URL or an existing LUT file"
                     )
-        if any(v % 16 for v in self.input_hw):
-            raise ValueError(f"--input must be a multiple of 16 in both sides, got {self.input_hw}")
+
+    def _validate_schedule(self) -> None:
+        if self.gumbel_temperature <= 0 or (self.gumbel_temperature_end or 1.0) <= 0:
+            raise ValueError("--temperature and --temperature-end must be > 0")
+        if self.beta <= 0:
+            raise ValueError(f"--beta must be > 0, got {self.beta}")
+        if self.entropy_weight < 0:
+            raise ValueError(f"--entropy-weight must be >= 0, got {self.entropy_weight}")
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -139,12 +159,12 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(perm[n_arch:]), sorted(perm[:n_arch])
 
 
-def make_loader(dataset: Dataset, cfg: SearchConfig, shuffle: bool, seed: int) -> DataLoader:
+def phase_loader(dataset: Dataset, cfg: SearchConfig, shuffle: bool, seed: int) -> DataLoader:
     """``pose.data``'s loader (its collate drops unreadable images) with a generator seeded per phase."""
     return pose_loader(dataset, cfg.batch_size, shuffle=shuffle, workers=cfg.workers, seed=seed)
 
 
-def limited(loader: DataLoader, max_batches: int | None):
+def take_batches(loader: DataLoader, max_batches: int | None):
     """(images, targets, weights) of at most ``max_batches`` batches; batches left empty by skipped images vanish."""
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -167,6 +187,7 @@ def serialize_costs(terms: list[CostTerm]) -> list[dict[str, Any]]:
             "meta": t.cost.meta,
             "lam": t.lam,
             "tau": t.tau,
+            "target": t.target,
         }
         for t in terms
     ]
@@ -180,6 +201,7 @@ def deserialize_costs(items: list[dict[str, Any]]) -> list[CostTerm]:
             ),
             d["lam"],
             d["tau"],
+            d.get("target"),
         )
         for d in items
     ]
@@ -215,10 +237,218 @@ def write_log(path: Path, history: list[dict[str, Any]]) -> None:
 # -- the differentiable search ---------------------------------------------------------------------
 
 
-def _cost_values(terms: list[CostTerm], probs: Tensor, ops: list[str]) -> tuple[dict[str, float], dict[str, float]]:
-    expected = {t.cost.name: float(t.cost.expected(probs.double())) for t in terms}
-    derived = {t.cost.name: t.cost.arch_cost(ops) for t in terms}
-    return expected, derived
+@dataclass
+class SearchRun:
+    """Everything one search shares between its epochs (built fresh or restored from the checkpoint)."""
+
+    net: Supernet
+    terms: list[CostTerm]
+    opt_w: torch.optim.Optimizer
+    opt_a: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    dataset: Dataset
+    weight_set: Dataset
+    arch_set: Dataset
+    val_set: Dataset
+    joints: int
+    split: list[list[int]]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+
+
+def _cost_terms(cfg: SearchConfig, space: SearchSpace, joints: int) -> list[CostTerm]:
+    """One cost term per ``--cost``; a search with ``--target`` checks at once that every budget can be met."""
+    spec = TableSpec(space, cfg.cost_input_hw, 1, joints, tuple(cfg.head_widths), cfg.head_style, cfg.sic)
+    terms = build_terms(cfg.costs, cfg.lambdas, cfg.taus, spec)
+    if cfg.targets:
+        for term, target in zip(terms, cfg.targets, strict=True):
+            term.target = float(target)
+        ranges = [cost_range(t.cost.table, t.cost.fixed, space) for t in terms]
+        check_targets([t.cost.name for t in terms], [t.cost.unit for t in terms], ranges, list(cfg.targets))
+    return terms
+
+
+def _open_checkpoint(cfg: SearchConfig, out: Path, resume: bool) -> dict[str, Any] | None:
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists():
+        if not resume:
+            raise ValueError(f"{out} already holds a search checkpoint ({ckpt_path}); pass --resume or another --out")
+        state = load_search_checkpoint(ckpt_path)
+        _check_same_config(state["config"], cfg, ckpt_path)
+        return state
+    if resume:
+        print(f"search: no checkpoint in {out}, starting from scratch", file=sys.stderr)
+    return None
+
+
+def build_run(cfg: SearchConfig, state: dict[str, Any] | None) -> SearchRun:
+    """The supernet, optimizers, data splits and cost terms of a search, restored from ``state`` if given."""
+    space: SearchSpace = space_of(cfg.space)
+    dataset, plain, joints = open_train_set(cfg.data, cfg.input_hw, seed=cfg.seed)
+    weight_idx, arch_idx = split_indices(len(dataset), cfg.arch_fraction, cfg.seed)
+    terms = deserialize_costs(state["costs"]) if state is not None else _cost_terms(cfg, space, joints)
+    seed_everything(cfg.seed)
+    net = Supernet(
+        space, joints, tuple(cfg.head_widths), cfg.head_style, cfg.sic, cfg.mode, cfg.drop_path, cfg.gumbel_temperature
+    )
+    opt_w = torch.optim.SGD(
+        net.weight_parameters(), lr=cfg.weight_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    opt_a = torch.optim.Adam(net.arch_parameters(), lr=cfg.arch_lr)
+    total = cfg.warmup_epochs + cfg.epochs
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=max(1, total), eta_min=0.0)
+    run = SearchRun(
+        net, terms, opt_w, opt_a, sched, dataset, Subset(dataset, weight_idx), Subset(dataset, arch_idx),
+        Subset(plain, arch_idx), joints, [weight_idx, arch_idx],
+    )  # fmt: skip
+    if state is not None:
+        _restore(run, state, cfg)
+    return run
+
+
+def _restore(run: SearchRun, state: dict[str, Any], cfg: SearchConfig) -> None:
+    if state["split"] != run.split:
+        raise ValueError(f"--resume: the data set behind {cfg.data!r} changed since the checkpoint was written")
+    run.net.load_state_dict(state["supernet"])
+    run.opt_w.load_state_dict(state["opt_w"])
+    run.opt_a.load_state_dict(state["opt_a"])
+    run.sched.load_state_dict(state["sched"])
+    set_rng_state(state["rng"])
+    run.history = list(state["history"])
+    run.start_epoch = int(state["epoch"])
+    if state.get("threads") not in (None, torch.get_num_threads()):
+        print(
+            f"search: warning: checkpoint written with {state['threads']} torch threads, resuming with "
+            f"{torch.get_num_threads()}: the result may differ in the last bits from an uninterrupted run",
+            file=sys.stderr,
+        )
+
+
+def _bar(loader: DataLoader, cfg: SearchConfig, desc: str, progress: bool) -> tqdm:
+    total = min(len(loader), cfg.max_batches or len(loader))
+    return tqdm(
+        take_batches(loader, cfg.max_batches),
+        desc=desc,
+        file=sys.stderr,
+        disable=not progress,
+        total=total,
+        leave=False,
+    )
+
+
+def weight_phase(run: SearchRun, cfg: SearchConfig, epoch: int, label: str, progress: bool) -> float | None:
+    """One pass of weight steps over the weight split (alpha fixed, one sampled path in sampled mode)."""
+    seed_everything(phase_seed(cfg.seed, epoch, 0))
+    set_epoch(run.dataset, epoch)
+    loader = phase_loader(run.weight_set, cfg, True, phase_seed(cfg.seed, epoch, 0))
+    run.net.train()
+    losses = []
+    bar = _bar(loader, cfg, f"{label} weights", progress)
+    for images, target, weight in bar:
+        run.opt_w.zero_grad(set_to_none=True)
+        loss = heatmap_loss(run.net(images, "weights"), target, weight)
+        loss.backward()
+        run.opt_w.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.2e}")
+    run.sched.step()
+    return float(np.mean(losses)) if losses else None
+
+
+def regulariser(terms: list[CostTerm], probs: Tensor, beta: float) -> Tensor:
+    """Cost part of the alpha loss: ``lambda * log_tau`` per term without a target, one budget loss for the rest."""
+    free = sum((t.loss(probs) for t in terms if t.target is None), torch.zeros(()))
+    budgeted = [t for t in terms if t.target is not None]
+    expected = [t.cost.expected(probs) for t in budgeted]
+    return free + budget_loss(expected, [float(t.target) for t in budgeted], beta)
+
+
+def search_schedule(cfg: SearchConfig, epoch: int) -> dict[str, float]:
+    """Gumbel temperature and commitment weight of a search epoch: both annealed geometrically / linearly from
+    the first search epoch to the last (warm-up epochs get the start values)."""
+    step = max(0, epoch - cfg.warmup_epochs)
+    frac = step / max(1, cfg.epochs - 1)
+    t0, t1 = cfg.gumbel_temperature, cfg.gumbel_temperature_end or cfg.gumbel_temperature
+    return {"gumbel_temperature": t0 * (t1 / t0) ** frac, "entropy_weight": cfg.entropy_weight * frac}
+
+
+def alpha_phase(run: SearchRun, cfg: SearchConfig, epoch: int, label: str, progress: bool) -> dict[str, Any]:
+    """One pass of alpha steps on ``MSE + cost regulariser + w_H * entropy`` over the architecture split."""
+    schedule = search_schedule(cfg, epoch)
+    run.net.gumbel_temperature = schedule["gumbel_temperature"]
+    seed_everything(phase_seed(cfg.seed, epoch, 1))
+    loader = phase_loader(run.arch_set, cfg, True, phase_seed(cfg.seed, epoch, 1))
+    arch_losses, cost_losses = [], []
+    for p in run.net.weight_parameters():
+        p.requires_grad_(False)
+    try:
+        bar = _bar(loader, cfg, f"{label} alpha", progress)
+        for images, target, weight in bar:
+            run.opt_a.zero_grad(set_to_none=True)
+            mse = heatmap_loss(run.net(images, "arch"), target, weight)
+            reg = regulariser(run.terms, run.net.probs(), cfg.beta)
+            (mse + reg + schedule["entropy_weight"] * run.net.entropy()).backward()
+            run.opt_a.step()
+            arch_losses.append(mse.item())
+            cost_losses.append(float(reg.detach()))
+            bar.set_postfix(mse=f"{arch_losses[-1]:.2e}", cost=f"{cost_losses[-1]:.3f}")
+    finally:
+        for p in run.net.weight_parameters():
+            p.requires_grad_(True)
+    return {
+        "arch_mse": float(np.mean(arch_losses)) if arch_losses else None,
+        "cost_loss": float(np.mean(cost_losses)) if cost_losses else None,
+        **schedule,
+    }
+
+
+@torch.no_grad()
+def epoch_figures(run: SearchRun, cfg: SearchConfig, epoch: int) -> dict[str, Any]:
+    """Validation loss, entropy, changed argmax layers, expected and derived cost (and budget use) after an epoch."""
+    seed_everything(phase_seed(cfg.seed, epoch, 2))
+    figures: dict[str, Any] = {"val_loss": evaluate_loss(run.net, run.val_set, cfg, lambda m, x: m(x, "eval"))}
+    probs = run.net.probs().double()
+    ops = run.net.derive_ops()
+    previous = run.history[-1]["derived_ops"] if run.history else None
+    figures["entropy"] = float(run.net.entropy())
+    figures["changed_layers"] = None if previous is None else sum(a != b for a, b in zip(previous, ops, strict=True))
+    figures["expected_cost"] = {t.cost.name: float(t.cost.expected(probs)) for t in run.terms}
+    figures["derived_cost"] = {t.cost.name: t.cost.arch_cost(ops) for t in run.terms}
+    figures["derived_ops"] = ops
+    targets = {t.cost.name: t.target for t in run.terms if t.target is not None}
+    if targets:
+        figures["utilisation"] = {k: figures["expected_cost"][k] / v for k, v in targets.items()}
+    return figures
+
+
+def save_search_checkpoint(run: SearchRun, cfg: SearchConfig, epoch: int, path: Path) -> None:
+    save_atomic(
+        {
+            "kind": "effpose-search",
+            "config": cfg.to_json(),
+            "epoch": epoch + 1,
+            "supernet": run.net.state_dict(),
+            "opt_w": run.opt_w.state_dict(),
+            "opt_a": run.opt_a.state_dict(),
+            "sched": run.sched.state_dict(),
+            "rng": rng_state(),
+            "history": run.history,
+            "costs": serialize_costs(run.terms),
+            "split": run.split,
+            "joints": run.joints,
+            "threads": torch.get_num_threads(),
+        },
+        path,
+    )
+
+
+def _epoch_line(label: str, record: dict[str, Any]) -> str:
+    costs = " ".join(f"{k}={v:.4g}" for k, v in record["expected_cost"].items())
+    changed = "" if record.get("changed_layers") is None else f" changed {record['changed_layers']}"
+    return (
+        f"{label}: train {record['train_loss']:.3e} val {record['val_loss']:.3e} entropy {record['entropy']:.3f}"
+        f"{changed} expected {costs} ({record['seconds']:.1f}s)"
+    )
 
 
 def run_search(
@@ -236,164 +466,104 @@ def run_search(
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
-    state: dict[str, Any] | None = None
-    if ckpt_path.exists():
-        if not resume:
-            raise ValueError(f"{out} already holds a search checkpoint ({ckpt_path}); pass --resume or another --out")
-        state = load_search_checkpoint(ckpt_path)
-        _check_same_config(state["config"], cfg, ckpt_path)
-    elif resume:
-        print(f"search: no checkpoint in {out}, starting from scratch", file=sys.stderr)
-
-    space: SearchSpace = space_of(cfg.space)
-    dataset, plain, joints = open_train_set(cfg.data, cfg.input_hw, seed=cfg.seed)
-    weight_idx, arch_idx = split_indices(len(dataset), cfg.arch_fraction, cfg.seed)
-    weight_set, arch_set, val_set = Subset(dataset, weight_idx), Subset(dataset, arch_idx), Subset(plain, arch_idx)
-    spec = TableSpec(space, cfg.cost_input_hw, 1, joints, tuple(cfg.head_widths), cfg.head_style, cfg.sic)
-    if state is not None:
-        terms = deserialize_costs(state["costs"])
-    else:
-        terms = build_terms(cfg.costs, cfg.lambdas, cfg.taus, spec)
-
-    seed_everything(cfg.seed)
-    net = Supernet(
-        space, joints, tuple(cfg.head_widths), cfg.head_style, cfg.sic, cfg.mode, cfg.drop_path, cfg.gumbel_temperature
-    )
-    total_epochs = cfg.warmup_epochs + cfg.epochs
-    opt_w = torch.optim.SGD(
-        net.weight_parameters(), lr=cfg.weight_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    opt_a = torch.optim.Adam(net.arch_parameters(), lr=cfg.arch_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=max(1, total_epochs), eta_min=0.0)
-    history: list[dict[str, Any]] = []
-    start = 0
-    if state is not None:
-        net.load_state_dict(state["supernet"])
-        opt_w.load_state_dict(state["opt_w"])
-        opt_a.load_state_dict(state["opt_a"])
-        sched.load_state_dict(state["sched"])
-        set_rng_state(state["rng"])
-        history = list(state["history"])
-        start = int(state["epoch"])
-        if state["split"] != [weight_idx, arch_idx]:
-            raise ValueError(f"--resume: the data set behind {cfg.data!r} changed since {ckpt_path} was written")
-        print(f"search: resuming {out} after epoch {start}/{total_epochs}", file=sys.stderr)
-        if state.get("threads") not in (None, torch.get_num_threads()):
-            print(
-                f"search: warning: checkpoint written with {state['threads']} torch threads, resuming with "
-                f"{torch.get_num_threads()}: the result may differ in the last bits from an uninterrupted run",
-                file=sys.stderr,
-            )
-    write_log(out / LOG, history)
-
-    for epoch in range(start, total_epochs):
+    run = build_run(cfg, _open_checkpoint(cfg, out, resume))
+    total = cfg.warmup_epochs + cfg.epochs
+    if run.start_epoch:
+        print(f"search: resuming {out} after epoch {run.start_epoch}/{total}", file=sys.stderr)
+    write_log(out / LOG, run.history)
+    for epoch in range(run.start_epoch, total):
         t0 = time.perf_counter()
         searching = epoch >= cfg.warmup_epochs
-        label = f"epoch {epoch + 1}/{total_epochs} {'search' if searching else 'warm-up'}"
-        lr = opt_w.param_groups[0]["lr"]
-        # weights
-        seed_everything(phase_seed(cfg.seed, epoch, 0))
-        set_epoch(dataset, epoch)
-        loader = make_loader(weight_set, cfg, True, phase_seed(cfg.seed, epoch, 0))
-        net.train()
-        losses = []
-        bar = tqdm(
-            limited(loader, cfg.max_batches),
-            desc=f"{label} weights",
-            file=sys.stderr,
-            disable=not progress,
-            total=min(len(loader), cfg.max_batches or len(loader)),
-            leave=False,
-        )
-        for images, target, weight in bar:
-            opt_w.zero_grad(set_to_none=True)
-            loss = heatmap_loss(net(images, "weights"), target, weight)
-            loss.backward()
-            opt_w.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.2e}")
-        sched.step()
+        label = f"epoch {epoch + 1}/{total} {'search' if searching else 'warm-up'}"
         record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "phase": "search" if searching else "warmup",
-            "lr": lr,
-            "train_loss": float(np.mean(losses)) if losses else None,
-        }
-        # architecture
+            "epoch": epoch + 1, "phase": "search" if searching else "warmup", "lr": run.opt_w.param_groups[0]["lr"]
+        }  # fmt: skip
+        record["train_loss"] = weight_phase(run, cfg, epoch, label, progress)
         if searching:
-            seed_everything(phase_seed(cfg.seed, epoch, 1))
-            loader = make_loader(arch_set, cfg, True, phase_seed(cfg.seed, epoch, 1))
-            arch_losses, cost_losses = [], []
-            for p in net.weight_parameters():
-                p.requires_grad_(False)
-            try:
-                bar = tqdm(
-                    limited(loader, cfg.max_batches),
-                    desc=f"{label} alpha",
-                    file=sys.stderr,
-                    disable=not progress,
-                    total=min(len(loader), cfg.max_batches or len(loader)),
-                    leave=False,
-                )
-                for images, target, weight in bar:
-                    opt_a.zero_grad(set_to_none=True)
-                    mse = heatmap_loss(net(images, "arch"), target, weight)
-                    probs = net.probs()
-                    reg = sum((t.loss(probs) for t in terms), torch.zeros(()))
-                    (mse + reg).backward()
-                    opt_a.step()
-                    arch_losses.append(mse.item())
-                    cost_losses.append(float(reg.detach()))
-                    bar.set_postfix(mse=f"{arch_losses[-1]:.2e}", cost=f"{cost_losses[-1]:.3f}")
-            finally:
-                for p in net.weight_parameters():
-                    p.requires_grad_(True)
-            record["arch_mse"] = float(np.mean(arch_losses)) if arch_losses else None
-            record["cost_loss"] = float(np.mean(cost_losses)) if cost_losses else None
-        # validation on the architecture split
-        seed_everything(phase_seed(cfg.seed, epoch, 2))
-        record["val_loss"] = evaluate_loss(net, val_set, cfg, lambda m, x: m(x, "eval"))
-        with torch.no_grad():
-            probs = net.probs()
-            ops = net.derive_ops()
-            expected, derived = _cost_values(terms, probs, ops)
-            record["entropy"] = float(net.entropy())
-        record["expected_cost"] = expected
-        record["derived_cost"] = derived
-        record["derived_ops"] = ops
+            record.update(alpha_phase(run, cfg, epoch, label, progress))
+        record.update(epoch_figures(run, cfg, epoch))
         record["seconds"] = round(time.perf_counter() - t0, 3)
-        history.append(record)
-        save_atomic(
-            {
-                "kind": "effpose-search",
-                "config": cfg.to_json(),
-                "epoch": epoch + 1,
-                "supernet": net.state_dict(),
-                "opt_w": opt_w.state_dict(),
-                "opt_a": opt_a.state_dict(),
-                "sched": sched.state_dict(),
-                "rng": rng_state(),
-                "history": history,
-                "costs": serialize_costs(terms),
-                "split": [weight_idx, arch_idx],
-                "joints": joints,
-                "threads": torch.get_num_threads(),
-            },
-            ckpt_path,
-        )
-        write_log(out / LOG, history)
-        costs_text = " ".join(f"{k}={v:.4g}" for k, v in expected.items())
-        print(
-            f"{label}: train {record['train_loss']:.3e} val {record['val_loss']:.3e} "
-            f"entropy {record['entropy']:.3f} expected {costs_text} ({record['seconds']:.1f}s)",
-            file=sys.stderr,
-        )
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < total_epochs:
+        run.history.append(record)
+        save_search_checkpoint(run, cfg, epoch, out / CHECKPOINT)
+        write_log(out / LOG, run.history)
+        print(_epoch_line(label, record), file=sys.stderr)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < total:
             return None
+    return derive_and_write(out, run, cfg)
 
-    arch = net.derive(name=f"search-{space.name}-{cfg.mode}")
-    return finish(out, arch, terms, net, history, cfg, joints)
+
+def derive_and_write(out: Path, run: SearchRun, cfg: SearchConfig) -> dict[str, Any]:
+    """The argmax network, repaired to honour the budgets (``search.budget.repair``), written with its summary."""
+    space = run.net.space
+    arch = run.net.derive(name=f"search-{space.name}-{cfg.mode}")
+    extra: dict[str, Any] = {}
+    budgeted = [t for t in run.terms if t.target is not None]
+    if budgeted:
+        with torch.no_grad():
+            probs = run.net.probs().double()
+        ops, changes = repair(
+            arch.ops, probs, [t.cost.table for t in budgeted], [t.cost.fixed for t in budgeted],
+            [float(t.target) for t in budgeted], space,
+        )  # fmt: skip
+        extra["repair"] = {"argmax_ops": arch.ops, "changes": [c.to_json() for c in changes]}
+        arch = arch.model_copy(update={"ops": ops})
+    with torch.no_grad():
+        extra["probs"] = [[round(float(v), 5) for v in row] for row in run.net.probs()]
+        extra["entropy"] = float(run.net.entropy())
+        extra["expected_cost"] = {t.cost.name: float(t.cost.expected(run.net.probs().double())) for t in run.terms}
+    extra["convergence"] = convergence(run.history, run.net.uniform_entropy())
+    extra["measured"] = measure_on_agents(run.terms, arch, run.joints)
+    return write_results(out, arch, run.terms, run.history, cfg, run.joints, extra)
+
+
+def measure_on_agents(terms: list[CostTerm], arch: ArchSpec, joints: int) -> dict[str, dict[str, Any]]:
+    """End-to-end latency of ``arch`` measured (``POST /v1/networks``) on every agent a cost term came from.
+
+    A LUT file has no agent to ask; an unreachable agent is reported on stderr and left out, since the
+    search result stands without it."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from lut_service.client import AgentClient, AgentError
+
+    measured = {}
+    for term in terms:
+        source, meta = term.cost.source, term.cost.meta
+        if not source.startswith(("http://", "https://")) or "backend" not in meta:
+            continue
+        parts = urlsplit(source)
+        base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+        spec = TableSpec.for_arch(
+            arch, input_hw=term.cost.input_hw, batch=term.cost.batch, joints=joints,
+            threads=int(meta.get("threads", 1)), dtype=str(meta.get("dtype", "float32")),
+        )  # fmt: skip
+        try:
+            with AgentClient(base) as agent:
+                result = agent.measure_networks(spec, [arch.ops], str(meta["backend"]), progress=False)
+        except (AgentError, OSError) as exc:
+            print(f"search: warning: cannot measure the derived network on {base}: {exc}", file=sys.stderr)
+            continue
+        latency = result["latencies"][0]
+        measured[term.cost.name] = {
+            "agent": base, "backend": meta["backend"], "threads": spec.threads, "batch": spec.batch,
+            "ms": float(latency["median_ms"]), "clock": result.get("clock"),
+        }  # fmt: skip
+    return measured
+
+
+def convergence(history: list[dict[str, Any]], uniform_entropy: float) -> dict[str, Any]:
+    """Is the search decided? Final entropy against uniform, and whether the argmax held over the last 2 epochs."""
+    search = [r for r in history if r["phase"] == "search"]
+    if not search:
+        return {"decided": False, "reason": "no search epoch ran"}
+    ratio = search[-1]["entropy"] / uniform_entropy
+    stable = len(search) >= 3 and all(r.get("changed_layers") == 0 for r in search[-2:])
+    return {
+        "final_entropy": search[-1]["entropy"],
+        "uniform_entropy": uniform_entropy,
+        "entropy_vs_uniform": ratio,
+        "changed_layers_last_two": [r.get("changed_layers") for r in search[-2:]],
+        "decided": bool(ratio <= 0.5 and stable),
+    }
 
 
 @torch.no_grad()
@@ -401,19 +571,36 @@ def evaluate_loss(model: nn.Module, dataset: Dataset, cfg: SearchConfig, forward
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    loader = make_loader(dataset, cfg, False, 0)
-    for images, target, weight in limited(loader, cfg.max_batches):
+    loader = phase_loader(dataset, cfg, False, 0)
+    for images, target, weight in take_batches(loader, cfg.max_batches):
         total += float(heatmap_loss(forward(model, images), target, weight)) * images.shape[0]
         count += images.shape[0]
     model.train(was_training)
     return total / max(1, count)
 
 
-def finish(
+def budget_report(terms: list[CostTerm], ops: list[str]) -> dict[str, dict[str, Any]]:
+    """Predicted cost of ``ops`` per term, with its target and the share of it used when there is one."""
+    report = {}
+    for t in terms:
+        value = t.cost.arch_cost(ops)
+        entry: dict[str, Any] = {
+            "value": value,
+            "unit": t.cost.unit,
+            "input": list(t.cost.input_hw),
+            "batch": t.cost.batch,
+            "source": t.cost.source,
+        }
+        if t.target is not None:
+            entry.update(target=t.target, used=value / t.target, within=value <= t.target * (1 + 1e-9))
+        report[t.cost.name] = entry
+    return report
+
+
+def write_results(
     out: Path,
     arch: ArchSpec,
     terms: list[CostTerm],
-    net: Supernet | None,
     history: list[dict[str, Any]],
     cfg: SearchConfig,
     joints: int,
@@ -423,16 +610,7 @@ def finish(
     from search.plots import plot_arch, plot_history
 
     arch.save(out / "arch.json")
-    predicted = {
-        t.cost.name: {
-            "value": t.cost.arch_cost(arch.ops),
-            "unit": t.cost.unit,
-            "input": list(t.cost.input_hw),
-            "batch": t.cost.batch,
-            "source": t.cost.source,
-        }
-        for t in terms
-    }
+    predicted = budget_report(terms, arch.ops)
     plot_arch(
         arch, out / "arch.png", title=", ".join(f"{k} {v['value']:.4g} {v['unit']}" for k, v in predicted.items())
     )
@@ -448,11 +626,6 @@ def finish(
         "epochs": len(history),
         "mode": cfg.mode,
     }
-    if net is not None:
-        with torch.no_grad():
-            summary["probs"] = [[round(float(v), 5) for v in row] for row in net.probs()]
-            summary["entropy"] = float(net.entropy())
-            summary["expected_cost"] = {t.cost.name: float(t.cost.expected(net.probs().double())) for t in terms}
     if history:
         summary["final"] = history[-1]
     summary.update(extra or {})
@@ -489,8 +662,7 @@ def run_random_search(
     dataset, plain, joints = open_train_set(cfg.data, cfg.input_hw, seed=cfg.seed)
     weight_idx, arch_idx = split_indices(len(dataset), cfg.arch_fraction, cfg.seed)
     weight_set, val_set = Subset(dataset, weight_idx), Subset(plain, arch_idx)
-    spec = TableSpec(space, cfg.cost_input_hw, 1, joints, tuple(cfg.head_widths), cfg.head_style, cfg.sic)
-    terms = build_terms(cfg.costs, cfg.lambdas, cfg.taus, spec)
+    terms = _cost_terms(cfg, space, joints)
     generator = torch.Generator().manual_seed(cfg.seed)
     head_kwargs = {"head_widths": tuple(cfg.head_widths), "head_style": cfg.head_style, "sic": cfg.sic}
     archs = [sample_arch(space, generator, head_kwargs, name=f"random-{i}") for i in range(n)]
@@ -503,9 +675,9 @@ def run_random_search(
         t0 = time.perf_counter()
         for epoch in range(short_epochs):
             set_epoch(dataset, epoch)
-            loader = make_loader(weight_set, cfg, True, phase_seed(cfg.seed, i * 1000 + epoch, 4))
+            loader = phase_loader(weight_set, cfg, True, phase_seed(cfg.seed, i * 1000 + epoch, 4))
             model.train()
-            for images, target, weight in limited(loader, cfg.max_batches):
+            for images, target, weight in take_batches(loader, cfg.max_batches):
                 optimizer.zero_grad(set_to_none=True)
                 loss = heatmap_loss(model(images), target, weight)
                 loss.backward()
@@ -537,11 +709,10 @@ def run_random_search(
     outer.close()
     best = max(results, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
     arch = archs[best["index"]].model_copy(update={"name": f"random-best-{space.name}"})
-    return finish(
+    return write_results(
         out,
         arch,
         terms,
-        None,
         [],
         cfg,
         joints,
@@ -553,7 +724,7 @@ def run_random_search(
 def evaluate_accuracy(model: nn.Module, dataset: Dataset, cfg: SearchConfig) -> tuple[float, float]:
     model.eval()
     correct, visible, loss_sum, count = 0.0, 0.0, 0.0, 0
-    for images, target, weight in limited(make_loader(dataset, cfg, False, 0), cfg.max_batches):
+    for images, target, weight in take_batches(phase_loader(dataset, cfg, False, 0), cfg.max_batches):
         pred = model(images)
         loss_sum += float(heatmap_loss(pred, target, weight)) * images.shape[0]
         count += images.shape[0]

@@ -139,6 +139,10 @@ class Supernet(nn.Module):
         logp = torch.where(p > 0, p.clamp_min(1e-30).log(), torch.zeros_like(p))
         return -(p * logp).sum(-1).mean()
 
+    def uniform_entropy(self) -> float:
+        """Mean entropy of uniform op distributions over the legal ops (where the search starts)."""
+        return float(self.mask.sum(-1).double().log().mean())
+
     def derive_ops(self) -> list[str]:
         """argmax of alpha over the legal ops of every layer."""
         masked = self.alpha.detach().masked_fill(~self.mask, float("-inf"))

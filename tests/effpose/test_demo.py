@@ -2,8 +2,10 @@
 
 import json
 
+import pytest
+
 from effpose.cli import main
-from search.demo import run_demo
+from effpose.demo import DemoConfig, run_demo
 
 FAST_AGENT = {
     "EFFPOSE_PROFILE_WARMUP_RUNS": "1",
@@ -20,13 +22,15 @@ def test_demo_runs_every_stage(tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("EFFPOSE_CACHE_DIR", str(tmp_path / "cache"))
     summary = run_demo(
-        tmp_path / "demo",
-        images=8,
-        search_epochs=1,
-        warmup_epochs=0,
-        max_batches=2,
-        train_minutes=0.05,
-        latency_rounds=3,
+        DemoConfig(
+            out=tmp_path / "demo",
+            images=8,
+            search_epochs=2,
+            warmup_epochs=0,
+            max_batches=2,
+            train_minutes=0.05,
+            latency_rounds=3,
+        )
     )
     out = tmp_path / "demo"
     assert json.loads((out / "summary.json").read_text())["arch"]["ops"] == summary["arch"]["ops"]
@@ -36,8 +40,15 @@ def test_demo_runs_every_stage(tmp_path, monkeypatch):
     assert summary["accuracy"]["metric"] == "Mean" and 0.0 <= summary["accuracy"]["value"] <= 100.0
     for row in summary["models"].values():
         assert row["lut_predicted_ms"] > 0 and row["agent_measured_ms"] > 0 and row["onnx_wall_ms"] > 0
-    # the derived network is priced from the same LUT the search used
+    # the derived network is priced from the same LUT the search used, and fits the budget it was given
     assert summary["lut"]["entries"] >= 48
+    budget = summary["budget"]
+    assert budget["predicted_ms"] == summary["models"]["derived"]["lut_predicted_ms"]
+    assert budget["predicted_ms"] <= budget["target_ms"] + 1e-3
+    reference = summary["models"]["efficientpose-a"]["lut_predicted_ms"]
+    assert budget["target_ms"] == pytest.approx(0.6 * reference, rel=1e-3)
+    assert budget["measured_ms"] == summary["models"]["derived"]["agent_measured_ms"]
+    assert "final_entropy" in summary["convergence"]
 
 
 def test_demo_help_lists_options(capsys):
