@@ -1,4 +1,4 @@
-"""Request and response bodies of the agent API, including the LUT document (see ARCHITECTURE.md)."""
+"""Request and response bodies of the agent API, including the LUT document (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameter and FLOPs counting in the two conventions a user needs to tell apart (REFERENCE §4).
+"""Parameter and FLOPs counting in the two conventions a user needs to tell apart (docs/conventions.md §9).
 
 ``gflops_paper``: multiply-adds of conv/linear layers, each counted as weight elements x *output*
 H x W (so a transposed conv is counted at its output resolution), divided by 2**30. This is what

@@ -1,4 +1,4 @@
-"""Evaluation: heatmap decoding, MPII PCKh and COCO OKS AP (REFERENCE §5).
+"""Evaluation: heatmap decoding, MPII PCKh and COCO OKS AP (docs/conventions.md §5-6).
 
 ``evaluate_model(model, dataset)`` runs top-down inference on every person box of a dataset and
 returns the benchmark's metric dict in percent: for COCO layouts ``AP, AP50, AP75, APM, APL, AR``

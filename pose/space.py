@@ -1,7 +1,7 @@
 """Search spaces, candidate ops, arch specs and LUT keys: the one definition the agent and search share.
 
 Everything that names a layer or an op lives here so that a LUT key computed by the profiler agent
-and one computed by the search always mean the same module (see ARCHITECTURE.md, "LUT key").
+and one computed by the search always mean the same module (docs/design.md §4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training of a derived network (paper Sec. 4, REFERENCE §6), single process or ``torchrun`` DDP.
+"""Training of a derived network (paper Sec. 4, docs/conventions.md §7), single process or ``torchrun`` DDP.
 
 ``train(...)`` is the whole run (the CLI and the demo call it); ``train_one_epoch`` is reusable
 (the loss is ``pose.loss.heatmap_loss``). A run writes ``OUT/last.pt`` after every epoch
@@ -48,7 +48,7 @@ class Recipe:
 
 
 def recipe_for(data: DataSpec, epochs: int | None = None) -> Recipe:
-    """REFERENCE §6: MPII Adam 1e-3, batch 32, 200 epochs, x0.1 at 150/170; COCO batch 128, 500-iter
+    """docs/conventions.md §7: MPII Adam 1e-3, batch 32, 200 epochs, x0.1 at 150/170; COCO batch 128, 500-iter
     warm-up, 240 epochs (x0.1 at 170/200, the HRNet schedule). Synthetic data: a short run.
     With a different epoch count the milestones keep their relative position."""
     if data.synthetic:

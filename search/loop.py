@@ -1,4 +1,4 @@
-"""The search loop of REFERENCE §6, scaled by configuration, plus the random-search baseline.
+"""The search loop of docs/design.md §6 (paper recipe: docs/conventions.md §8), plus the random-search baseline.
 
 Training set split 80/20 (weights / architecture), weight-only warm-up epochs, then epochs that
 alternate one pass of weight steps (SGD momentum 0.9, wd 1e-4, lr cosine to 0) with one pass of

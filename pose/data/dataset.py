@@ -25,7 +25,7 @@ from pose.keypoints import JointSet
 
 @dataclass
 class Augment:
-    """Training augmentation (REFERENCE §5); ``None`` in a dataset means evaluation mode."""
+    """Training augmentation (docs/conventions.md §4); ``None`` in a dataset means evaluation mode."""
 
     scale_factor: float = 0.35
     rotation_factor: float = 45.0

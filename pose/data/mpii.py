@@ -16,7 +16,7 @@ MPII_AUGMENT = Augment(scale_factor=0.25, rotation_factor=30.0, half_body_prob=0
 
 
 def mpii_records(annotation_file: Path, image_dir: Path) -> list[Record]:
-    """On load: center[1] += 15 * scale, scale *= 1.25, 1-based -> 0-based (REFERENCE §5)."""
+    """On load: center[1] += 15 * scale, scale *= 1.25, 1-based -> 0-based (docs/conventions.md §2)."""
     data = load_json(annotation_file)
     if not isinstance(data, list):
         raise ValueError(f"annotation file {annotation_file} must be a JSON list of person entries")

@@ -1,4 +1,4 @@
-"""Training targets: one unnormalised Gaussian (peak 1) per joint on the heatmap grid (REFERENCE §5)."""
+"""Training targets: one unnormalised Gaussian (peak 1) per joint on the heatmap grid (docs/conventions.md §5)."""
 
 from __future__ import annotations
 

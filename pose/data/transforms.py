@@ -1,4 +1,4 @@
-"""Geometry of top-down pose estimation (HRNet/SimpleBaseline conventions, REFERENCE §5).
+"""Geometry of top-down pose estimation (HRNet/SimpleBaseline conventions, docs/conventions.md §3).
 
 A person is described by (center, scale, rotation): ``scale`` is the padded box size in units of
 200 pixels. ``affine_matrix`` maps that box onto the network input (or heatmap); ``inv=True``
