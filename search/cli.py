@@ -10,7 +10,9 @@ from pose.space import parse_hw
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    """Add this package's subcommands to the ``effpose`` parser."""
+    """Add this package's subcommands to the ``effpose`` parser (defaults from ``SearchConfig``)."""
+    from search.loop import SearchConfig
+
     p = commands.add_parser(
         "search",
         help="search a backbone with a FLOPs/params/latency cost (differentiable NAS or random baseline)",
@@ -20,8 +22,14 @@ def register(commands: argparse._SubParsersAction) -> None:
             "OUT/log.jsonl and OUT/search.json."
         ),
     )
+    d = SearchConfig()
     p.add_argument("--space", default="small", help="small, large or a search-space JSON file (default small)")
-    p.add_argument("--data", default="synthetic:64", metavar="SPEC", help="coco:ROOT, mpii:ROOT or synthetic[:N]")
+    p.add_argument(
+        "--data",
+        default=d.data,
+        metavar="SPEC",
+        help=f"coco:ROOT, mpii:ROOT, synthetic[-mpii[-easy]][:N] (default {d.data}, the accuracy proxy's data)",
+    )
     p.add_argument(
         "--cost",
         action="append",
@@ -67,13 +75,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mode",
         choices=("mixed", "sampled"),
-        default="mixed",
+        default=d.mode,
         help="mixed: weighted sum of all candidates (Eq. 3); sampled: one Gumbel-sampled path per step",
     )
-    p.add_argument("--warmup-epochs", type=int, default=2, help="weight-only epochs before alpha is trained")
-    p.add_argument("--epochs", type=int, default=4, help="alternating weight/alpha epochs after the warm-up")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--input", type=parse_hw, default=(128, 128), help="training input HxW (default 128x128)")
+    p.add_argument(
+        "--warmup-epochs", type=int, default=d.warmup_epochs, help=f"weight-only epochs (default {d.warmup_epochs})"
+    )
+    p.add_argument(
+        "--epochs", type=int, default=d.epochs, help=f"alternating weight/alpha epochs after it (default {d.epochs})"
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument(
+        "--input", type=parse_hw, default=d.input_hw, help="training input HxW (default 64x64 as the proxy)"
+    )
     p.add_argument(
         "--cost-input",
         type=parse_hw,
@@ -82,25 +96,27 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-lr", type=float, default=0.05, help="SGD learning rate of the weights (cosine to 0)")
-    p.add_argument("--arch-lr", type=float, default=3e-4, help="Adam learning rate of alpha")
+    p.add_argument(
+        "--arch-lr", type=float, default=d.arch_lr, help=f"Adam lr of alpha (default {d.arch_lr}; paper 3e-4)"
+    )
     p.add_argument(
         "--temperature",
         type=float,
         default=None,
-        help="Gumbel temperature of sampled alpha steps at the first search epoch (default 1)",
+        help=f"Gumbel temperature of sampled alpha steps at the first search epoch (default {d.gumbel_temperature})",
     )
     p.add_argument(
         "--temperature-end",
         type=float,
         default=None,
-        help="Gumbel temperature at the last search epoch, annealed geometrically (default: no annealing)",
+        help=f"Gumbel temperature at the last search epoch, geometric annealing (default {d.gumbel_temperature_end})",
     )
     p.add_argument(
         "--entropy-weight",
         type=float,
         default=None,
         help="weight of the mean alpha entropy in the alpha loss, ramped from 0 at the first search epoch to this "
-        "at the last: makes the search commit (default 0)",
+        f"at the last: makes the search commit (default {d.entropy_weight}; 0 turns it off)",
     )
     p.add_argument("--drop-path", type=float, default=0.2, help="drop probability of a candidate in weight steps")
     p.add_argument("--max-batches", type=int, default=None, help="cap on batches per phase and epoch (smoke runs)")

@@ -79,19 +79,33 @@ def plot_arch(arch: ArchSpec, path: str | Path, title: str = "") -> None:
 
 
 def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
-    """Expected cost (one line per cost term, relative to epoch 1) and mean alpha entropy per epoch."""
+    """Expected cost per term (over its target, else over epoch 1), mean alpha entropy with the number of
+    layers whose argmax changed, and the heatmap MSE, per epoch: is the search converging?"""
     epochs = [r["epoch"] for r in history]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.4))
-    names = list(history[0].get("expected_cost", {}))
-    for name in names:
+    budgets = history[-1].get("utilisation", {})
+    for name in history[0].get("expected_cost", {}):
         values = [r["expected_cost"][name] for r in history]
-        ax1.plot(epochs, [v / values[0] for v in values], marker="o", label=f"{name} (epoch 1: {values[0]:.4g})")
+        if name in budgets:  # expected cost / target: 1 is on budget
+            target = values[-1] / budgets[name]
+            ax1.plot(epochs, [v / target for v in values], marker="o", label=f"{name} / target {target:.4g}")
+        else:
+            ax1.plot(epochs, [v / values[0] for v in values], marker="o", label=f"{name} / epoch 1 ({values[0]:.4g})")
     ax1.set_title("expected cost (relative)")
     ax1.set_xlabel("epoch")
     ax1.legend(fontsize=7)
-    ax2.plot(epochs, [r["entropy"] for r in history], marker="o", color="#6a51a3")
-    ax2.set_title("mean alpha entropy (nats)")
+    ax2.plot(epochs, [r["entropy"] for r in history], marker="o", color="#6a51a3", label="entropy (nats)")
+    ax2.set_title("mean alpha entropy and changed argmax layers")
     ax2.set_xlabel("epoch")
+    changed = [(r["epoch"], r["changed_layers"]) for r in history if r.get("changed_layers") is not None]
+    if changed:
+        twin = ax2.twinx()
+        twin.bar([e for e, _ in changed], [c for _, c in changed], color="#fd8d3c", alpha=0.4, width=0.6)
+        twin.set_ylabel("layers whose argmax changed", fontsize=8)
+        twin.set_zorder(ax2.get_zorder() - 1)
+        ax2.patch.set_visible(False)
+    if budgets:
+        ax1.axhline(1.0, color="#cb181d", linestyle=":", linewidth=1)
     ax3.plot(epochs, [r["val_loss"] for r in history], marker="o", color="#cb181d", label="validation")
     ax3.plot(epochs, [r["train_loss"] for r in history], marker=".", color="#999", label="train")
     ax3.set_title("heatmap MSE")

@@ -28,6 +28,7 @@ def _tiny_config(**overrides) -> SearchConfig:
         seed=0,
         arch_lr=0.05,
         max_batches=2,
+        entropy_weight=0.0,  # tests of the cost terms see them alone; the commitment term is tested on its own
     )
     values.update(overrides)
     return SearchConfig(**values)

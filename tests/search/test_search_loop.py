@@ -113,7 +113,8 @@ def test_kill_9_mid_search_then_resume_ends_with_the_same_alpha(tmp_path, tiny_s
     space_file = tmp_path / "tiny.json"
     space_file.write_text(json.dumps(tiny_space))
     common = [
-        "--space", str(space_file), "--data", "synthetic:8", "--cost", "flops", "--lambda", "0.5",
+        "--space", str(space_file), "--data", "synthetic:8", "--cost", "flops", "--lambda", "0.5", "--mode", "mixed",
+        "--entropy-weight", "0",
         "--warmup-epochs", "1", "--epochs", "2", "--batch-size", "4", "--input", "64x64",
         "--cost-input", "64x64", "--arch-lr", "0.05", "--max-batches", "2", "--seed", "3", "--no-progress",
         "--threads", str(torch.get_num_threads()),  # bit-identical results need the reference's thread count
