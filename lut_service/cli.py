@@ -17,8 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
     from lut_service.settings import Settings
 
     settings = Settings.from_env(db_url=args.db, host=args.host, port=args.port)
-    if settings.db_url.startswith("sqlite"):
-        print(f"effpose lut serve: database {settings.db_url}", file=sys.stderr)
+    print(f"effpose lut serve: database {_migrate(settings.db_url)}", file=sys.stderr)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.token:
         print(
             f"effpose lut serve: warning: listening on {settings.host} without EFFPOSE_TOKEN: "
@@ -26,6 +25,39 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
+def _migrate(url: str) -> str:
+    """Upgrade the store at ``url`` to the head revision; a line saying where it stands (password masked)."""
+    from lut_service.db import make_engine, safe_url, upgrade
+
+    engine = make_engine(url)
+    try:
+        revisions = upgrade(engine)
+    finally:
+        engine.dispose()
+    moved = f"{revisions.before or 'empty'} -> {revisions.after}" if revisions.before != revisions.after else ""
+    return f"{safe_url(url)} (schema revision {revisions.after}{f', upgraded {moved}' if moved else ''})"
+
+
+def _db(args: argparse.Namespace) -> int:
+    """``effpose lut db upgrade|current``: the store's schema revision, by hand."""
+    from lut_service.db import current, make_engine, safe_url
+    from lut_service.settings import Settings
+
+    url = Settings.from_env(db_url=args.db).db_url
+    if args.db_command == "upgrade":
+        print(f"database {_migrate(url)}")
+        return 0
+    engine = make_engine(url)
+    try:
+        revisions = current(engine)
+    finally:
+        engine.dispose()
+    state = revisions.after or "empty (no schema yet)"
+    behind = "" if revisions.after == revisions.head else f"; head is {revisions.head}: run `effpose lut db upgrade`"
+    print(f"database {safe_url(url)}: revision {state}{behind}")
     return 0
 
 
@@ -120,6 +152,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--db", default=None, help="SQLAlchemy URL (default $EFFPOSE_DB_URL or a SQLite file)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)
+
+    db = sub.add_parser("db", help="the agent store's schema: upgrade it or show its revision")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    for action, text in (("upgrade", "upgrade to the head revision"), ("current", "show the revision")):
+        one = db_sub.add_parser(action, help=text)
+        one.add_argument("--db", default=None, help="SQLAlchemy URL (default $EFFPOSE_DB_URL or a SQLite file)")
+        one.set_defaults(func=_db)
 
     build = sub.add_parser("build", help="request a LUT from an agent and save it as JSON")
     build.add_argument("--agent", required=True, help="agent URL, e.g. http://127.0.0.1:8000")

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +24,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _temp_log() -> Path:
+    handle, name = tempfile.mkstemp(prefix="effpose-agent-", suffix=".log")
+    os.close(handle)
+    return Path(name)
+
+
 class LocalAgent:
-    """Start, stop and restart ``effpose lut serve`` on a SQLite file; usable as a context manager."""
+    """Start, stop and restart ``effpose lut serve`` on a SQLite file or any store URL (a fleet's
+    PostgreSQL database); usable as a context manager."""
 
     def __init__(
         self,
@@ -33,8 +41,12 @@ class LocalAgent:
         env: dict[str, str] | None = None,
         log_level: str = "warning",
     ) -> None:
-        self.db_path = Path(db_path).resolve()
-        self.log_path = Path(log_path) if log_path else self.db_path.with_suffix(".agent.log")
+        text = str(db_path)
+        self.store_url = text if "://" in text else None  # a SQLAlchemy URL instead of a SQLite path
+        self.db_path = None if self.store_url else Path(text).resolve()
+        if log_path is None:
+            log_path = self.db_path.with_suffix(".agent.log") if self.db_path else _temp_log()
+        self.log_path = Path(log_path)
         self.env = {**os.environ, **(env or {})}
         self.log_level = log_level
         self.proc: subprocess.Popen | None = None
@@ -46,7 +58,7 @@ class LocalAgent:
 
     @property
     def db_url(self) -> str:
-        return f"sqlite:///{self.db_path}"
+        return self.store_url or f"sqlite:///{self.db_path}"
 
     @property
     def pid(self) -> int:
@@ -61,7 +73,9 @@ class LocalAgent:
             return "(no agent log)"
 
     def start(self, timeout_s: float = 60.0, port: int | None = None) -> LocalAgent:
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.db_path is not None:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         cmd = [sys.executable, "-m", "effpose", "lut", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--db", self.db_url, "--log-level", self.log_level]

@@ -61,6 +61,8 @@ class Lut(Base):
     """A requested table: the normalized request and its keys; ``document``/``etag`` once complete."""
 
     __tablename__ = "luts"
+    # the fleet's table list (GET /v1/luts?device=&backend=) filters on these
+    __table_args__ = (Index("ix_luts_device_backend", "device_id", "backend"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
@@ -76,8 +78,13 @@ class Lut(Base):
 
 
 class Job(Base):
-    """Work for the single profiling worker: build a LUT (at most one active job per LUT), or time whole
-    networks (``kind="networks"``, for validating a LUT against end-to-end latency)."""
+    """Work for the single profiling worker of one device: build a LUT (at most one active job per LUT),
+    or time whole networks (``kind="networks"``, for validating a LUT against end-to-end latency).
+
+    Several agents may share one store: a job belongs to ``device_id`` and only that device's agent
+    claims it (``lut_service.claims``). ``claimed_by`` names the agent process running it and
+    ``heartbeat_at`` says when it last showed life; ``attempts`` counts the starts of this job since it
+    last stored an entry, so a job that keeps killing its agent ends ``failed`` instead of looping."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -88,6 +95,7 @@ class Job(Base):
             sqlite_where=text("state IN ('queued', 'running')"),
             postgresql_where=text("state IN ('queued', 'running')"),
         ),
+        Index("ix_jobs_device_state", "device_id", "state"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -102,3 +110,9 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # a networks job's latencies
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    # revision 0002 (fleet): who runs it, and how often it was started without progress
+    device_id: Mapped[str | None] = mapped_column(ForeignKey("devices.id"), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    claimed_by: Mapped[str | None] = mapped_column(String(120), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    step: Mapped[str | None] = mapped_column(String(400), nullable=True)  # what the worker was last doing

@@ -3,9 +3,13 @@ a free port and a SQLite file in tmp."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from lut_service.local import LocalAgent
 
@@ -44,3 +48,61 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
+
+
+# -- stores: the same tests on a SQLite file and on a real PostgreSQL server --------------------------
+# .ci/postgres.sh starts a throwaway server and exports EFFPOSE_TEST_PG_URL; .ci/run sets
+# EFFPOSE_REQUIRE_PG=1 there, so in CI a server that is missing or refuses connections fails the tests.
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The URL of the test PostgreSQL server (its ``postgres`` database), or a skip naming the reason."""
+    url = os.environ.get("EFFPOSE_TEST_PG_URL", "")
+    reason = None
+    if not url:
+        reason = "no PostgreSQL server: EFFPOSE_TEST_PG_URL is unset (run the tests under .ci/postgres.sh)"
+    else:
+        try:
+            engine = create_engine(url)
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            engine.dispose()
+        except Exception as exc:
+            reason = f"PostgreSQL at {make_url(url).render_as_string(hide_password=True)} is unreachable: {exc}"
+    if reason is not None:
+        if os.environ.get("EFFPOSE_REQUIRE_PG") == "1":
+            pytest.fail(f"EFFPOSE_REQUIRE_PG=1 but {reason}")
+        pytest.skip(reason)
+    return url
+
+
+def pg_database(server_url: str, name: str) -> str:
+    """Create the empty database ``name`` on the server; its URL."""
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(server_url: str, name: str) -> None:
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path):
+    """An empty store: a SQLite file in tmp, or a fresh database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    server = request.getfixturevalue("pg_server")
+    name = f"effpose_test_{uuid.uuid4().hex[:12]}"
+    url = pg_database(server, name)
+    try:
+        yield url
+    finally:
+        drop_pg_database(server, name)
