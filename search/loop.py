@@ -2,7 +2,12 @@
 
 Training set split 80/20 (weights / architecture), weight-only warm-up epochs, then epochs that
 alternate one pass of weight steps (SGD momentum 0.9, wd 1e-4, lr cosine to 0) with one pass of
-architecture steps (Adam 3e-4) on ``MSE + sum_i lambda_i * log_tau_i(cost_i)``.
+architecture steps (Adam on alpha, default lr 0.05) on ``MSE + regulariser + w_H * entropy``: the
+regulariser is ``sum_i lambda_i * log_tau_i(cost_i)`` for terms without a target and the budget loss of
+``search.budget`` for those with one; ``w_H`` ramps from 0 to ``entropy_weight`` so alpha commits.
+Each phase is one function (``weight_phase``, ``alpha_phase``, ``epoch_figures``,
+``save_search_checkpoint``); ``derive_and_write`` takes the argmax, repairs it to the budgets and
+writes the results.
 
 Reproducibility and resume: every phase of every epoch reseeds torch, numpy and random from
 ``(seed, epoch, phase)`` and the data loader shuffles with its own generator seeded the same way, so
