@@ -1,5 +1,8 @@
 """Pose datasets: ``coco:ROOT``, ``mpii:ROOT`` and ``synthetic[:N]`` (``synthetic-mpii[:N]``) specs.
 
+A ``-easy`` suffix (``synthetic-easy[:N]``, ``synthetic-mpii-easy[:N]``) selects the generator's easy
+difficulty level (one person, little clutter, no occluders; see ``pose.data.synthetic.LEVELS``).
+
 ``synthetic`` specs are generated once into a cache folder (``EFFPOSE_CACHE_DIR`` or
 ``~/.cache/effpose``) and read back through the same COCO / MPII readers as real data.
 """
@@ -12,7 +15,7 @@ from pathlib import Path
 from pose.data.coco import coco_dataset
 from pose.data.dataset import Augment, PoseDataset, Record, collate, make_loader, read_image
 from pose.data.mpii import load_gt_valid, mpii_dataset
-from pose.data.synthetic import DEFAULT_SEED, synthetic_root
+from pose.data.synthetic import DEFAULT_LEVEL, DEFAULT_SEED, synthetic_root
 
 __all__ = [
     "Augment",
@@ -30,7 +33,15 @@ __all__ = [
 ]
 
 DEFAULT_SYNTHETIC_IMAGES = 256
-SPEC_HELP = "coco:ROOT, mpii:ROOT, synthetic[:N] (COCO keypoints) or synthetic-mpii[:N]"
+SPEC_HELP = (
+    "coco:ROOT, mpii:ROOT, synthetic[:N] (COCO keypoints) or synthetic-mpii[:N]; "
+    "a -easy suffix (synthetic-mpii-easy[:N]) selects the easy difficulty level"
+)
+SYNTHETIC_HEADS = {
+    f"synthetic{layout}{suffix}": ("mpii" if layout == "-mpii" else "coco", level)
+    for layout in ("", "-coco", "-mpii")
+    for suffix, level in (("", DEFAULT_LEVEL), ("-easy", "easy"))
+}
 
 
 @dataclass(frozen=True)
@@ -40,11 +51,12 @@ class DataSpec:
     synthetic: bool = False
     images: int = 0
     seed: int = DEFAULT_SEED
+    level: str = DEFAULT_LEVEL  # synthetic difficulty level
 
     def resolve(self) -> Path:
         """The dataset root; generates a synthetic dataset into the cache on first use."""
         if self.synthetic:
-            return synthetic_root(self.images, self.kind, self.seed)
+            return synthetic_root(self.images, self.kind, self.seed, level=self.level)
         assert self.root is not None
         return self.root
 
@@ -57,14 +69,15 @@ def parse_spec(spec: str, seed: int = DEFAULT_SEED) -> DataSpec:
     """Parse a data SPEC; errors say what a SPEC looks like."""
     text = str(spec).strip()
     head, _, rest = text.partition(":")
-    if head in ("synthetic", "synthetic-coco", "synthetic-mpii"):
+    if head in SYNTHETIC_HEADS:
         try:
             images = int(rest) if rest else DEFAULT_SYNTHETIC_IMAGES
         except ValueError:
-            raise ValueError(f"bad data spec {spec!r}: the image count after 'synthetic:' must be an integer") from None
+            raise ValueError(f"bad data spec {spec!r}: the image count after '{head}:' must be an integer") from None
         if images < 1:
             raise ValueError(f"bad data spec {spec!r}: the image count must be at least 1")
-        return DataSpec("mpii" if head == "synthetic-mpii" else "coco", None, True, images, seed)
+        kind, level = SYNTHETIC_HEADS[head]
+        return DataSpec(kind, None, True, images, seed, level)
     if head in ("coco", "mpii"):
         if not rest:
             raise ValueError(f"bad data spec {spec!r}: {head}: needs a dataset root, e.g. {head}:/data/{head}")

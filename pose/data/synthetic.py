@@ -7,6 +7,11 @@ Several people per image, drawn in depth order over textured backgrounds with cl
 foreground occluders; a joint's visibility flag comes from an owner map of who painted each
 pixel last, so "occluded" (v=1) and "visible" (v=2) are exact. Joints outside the image are
 unlabelled (v=0), as in COCO. The files are read back by the same readers as the real datasets.
+
+Two difficulty levels (``LEVELS``): ``standard`` is the generator as it has always been (same random
+draws, same files, same cache folder); ``easy`` draws one person per image over a plainer background
+without foreground occluders and with less truncation, so that a short CPU training run learns enough
+for network capacity to show in PCKh (the architecture-ranking proxy, ``pose.proxy``).
 """
 
 from __future__ import annotations
@@ -64,6 +69,32 @@ SKIN = ((224, 172, 105), (198, 134, 66), (141, 85, 36), (241, 194, 125), (255, 2
 HAIR = ((20, 20, 20), (70, 40, 20), (160, 110, 50), (200, 180, 120), (110, 110, 110))
 
 
+@dataclass(frozen=True)
+class Level:
+    """How crowded and cluttered an image is; ranges are ``rng.integers(low, high)`` bounds."""
+
+    name: str
+    people: tuple[int, int]  # people per image
+    clutter: tuple[int, int]  # background boxes, discs and limb-like blobs per image
+    occluders: bool  # poles, boxes and discs painted in front of the people
+    truncation: float  # probability that a figure may stand partly outside the image
+
+
+LEVELS = {
+    "standard": Level("standard", people=(1, 5), clutter=(3, 12), occluders=True, truncation=0.25),
+    "easy": Level("easy", people=(1, 2), clutter=(0, 4), occluders=False, truncation=0.1),
+}
+DEFAULT_LEVEL = "standard"
+
+
+def get_level(level: str | Level) -> Level:
+    if isinstance(level, Level):
+        return level
+    if level not in LEVELS:
+        raise ValueError(f"unknown synthetic difficulty level {level!r}: expected one of {', '.join(LEVELS)}")
+    return LEVELS[level]
+
+
 @dataclass
 class Person:
     points: np.ndarray  # (len(POINTS), 2) float image coordinates
@@ -77,7 +108,7 @@ def _rot(angle: float) -> np.ndarray:
     return np.array([[c, -s], [s, c]])
 
 
-def _random_person(rng: np.random.Generator, size: int) -> Person:
+def _random_person(rng: np.random.Generator, size: int, truncation: float = 0.25) -> Person:
     """A plausible pose: upright-ish torso, arms and legs with random but anatomical joint angles."""
     height = rng.uniform(0.3, 0.9) * size
     unit = height / 7.5  # a head height
@@ -90,7 +121,7 @@ def _random_person(rng: np.random.Generator, size: int) -> Person:
     lean = rng.normal(0, 0.12)  # torso bend relative to the hips
     down = np.array([0.0, 1.0])
     # Centre the figure at a random spot; sometimes partly outside the image (truncation).
-    margin = -0.15 * size if rng.random() < 0.25 else 0.1 * size
+    margin = -0.15 * size if rng.random() < truncation else 0.1 * size
     center = rng.uniform(margin, size - margin, 2)
     pelvis = center + _rot(tilt) @ np.array([0.0, 0.3 * height * 0.5])
     torso_dir = _rot(tilt + lean) @ -down
@@ -188,7 +219,7 @@ def _draw_person(image: np.ndarray, owner: np.ndarray, own: np.ndarray, person: 
         _disc(canv, pts[P[f"{side}_wrist"]], w * 0.5, vals(skin))
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, clutter: tuple[int, int] = (3, 12)) -> np.ndarray:
     c1, c2 = np.array(_colour(rng), float), np.array(_colour(rng), float)
     t = np.linspace(0, 1, size)[:, None, None]
     image = c1 * (1 - t) + c2 * t
@@ -197,7 +228,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     noise = cv2.resize(rng.normal(0, 30, (8, 8, 3)), (size, size), interpolation=cv2.INTER_CUBIC)
     image = np.clip(image + noise + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
     image = np.ascontiguousarray(image)
-    for _ in range(int(rng.integers(3, 12))):  # clutter: boxes, discs and limb-like blobs
+    for _ in range(int(rng.integers(*clutter))):  # clutter: boxes, discs and limb-like blobs
         colour = _colour(rng)
         kind = rng.integers(3)
         x, y = (int(v) for v in rng.integers(0, size, 2))
@@ -226,18 +257,20 @@ def _occluders(image: np.ndarray, owner: np.ndarray, rng: np.random.Generator) -
             cv2.circle(owner, (x, y), r, -2, -1)
 
 
-def draw_image(rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE):
+def draw_image(rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE, level: str | Level = DEFAULT_LEVEL):
     """One image and its people: returns (RGB uint8 image, [(points, labels 0/1/2, mask, facing, head box)])."""
-    image = _background(rng, size)
+    lv = get_level(level)
+    image = _background(rng, size, lv.clutter)
     owner = np.full((size, size), -1, np.int32)
-    people = [_random_person(rng, size) for _ in range(int(rng.integers(1, 5)))]
+    people = [_random_person(rng, size, lv.truncation) for _ in range(int(rng.integers(*lv.people)))]
     people.sort(key=lambda p: p.points[:, 1].max())  # lower feet = nearer the camera = drawn later
     masks = []
     for pid, person in enumerate(people):
         own = np.zeros((size, size), np.uint8)
         _draw_person(image, owner, own, person, pid, rng)
         masks.append(own)
-    _occluders(image, owner, rng)
+    if lv.occluders:
+        _occluders(image, owner, rng)
     out = []
     for pid, person in enumerate(people):
         pts = person.points
@@ -269,17 +302,25 @@ def _write_image(path: Path, image_rgb: np.ndarray) -> None:
 
 
 def generate_coco(
-    out: str | Path, images: int, seed: int = DEFAULT_SEED, size: int = DEFAULT_IMAGE_SIZE, progress=None
+    out: str | Path,
+    images: int,
+    seed: int = DEFAULT_SEED,
+    size: int = DEFAULT_IMAGE_SIZE,
+    progress=None,
+    level: str = DEFAULT_LEVEL,
 ):
     """Write ``images`` training and ``max(1, images // 4)`` validation images in the COCO layout."""
     out = Path(out)
     rng = np.random.default_rng(seed)
     image_id, ann_id = 1, 1
+    described = f"effpose synthetic people (seed {seed})"
+    if level != DEFAULT_LEVEL:
+        described = f"effpose synthetic people (seed {seed}, level {level})"
     for split, count in (("train2017", images), ("val2017", max(1, images // 4))):
         folder = out / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
         doc = {
-            "info": {"description": f"effpose synthetic people (seed {seed})", "version": str(GENERATOR_VERSION)},
+            "info": {"description": described, "version": str(GENERATOR_VERSION)},
             "images": [],
             "annotations": [],
             "categories": [
@@ -293,7 +334,7 @@ def generate_coco(
             ],
         }
         for _ in range(count):
-            image, people = draw_image(rng, size)
+            image, people = draw_image(rng, size, level)
             name = f"{image_id:012d}.jpg"
             _write_image(folder / name, image)
             doc["images"].append({"id": image_id, "file_name": name, "width": size, "height": size})
@@ -327,7 +368,12 @@ def generate_coco(
 
 
 def generate_mpii(
-    out: str | Path, images: int, seed: int = DEFAULT_SEED, size: int = DEFAULT_IMAGE_SIZE, progress=None
+    out: str | Path,
+    images: int,
+    seed: int = DEFAULT_SEED,
+    size: int = DEFAULT_IMAGE_SIZE,
+    progress=None,
+    level: str = DEFAULT_LEVEL,
 ):
     """Write the MPII layout: images/, annot/{train,valid}.json (1-based, raw center/scale), annot/gt_valid.mat."""
     out = Path(out)
@@ -338,7 +384,7 @@ def generate_mpii(
     for split, count in (("train", images), ("valid", max(1, images // 4))):
         entries, gt_joints, gt_missing, head_boxes = [], [], [], []
         for _ in range(count):
-            image, people = draw_image(rng, size)
+            image, people = draw_image(rng, size, level)
             name = f"{index:09d}.jpg"
             _write_image(out / "images" / name, image)
             index += 1
@@ -387,22 +433,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EFFPOSE_CACHE_DIR") or Path.home() / ".cache" / "effpose")
 
 
-def synthetic_root(images: int, keypoints: str = "coco", seed: int = DEFAULT_SEED, size: int = DEFAULT_IMAGE_SIZE):
-    """Generate once into the cache (atomically: temp folder, then rename) and return the dataset root."""
+def synthetic_root(
+    images: int,
+    keypoints: str = "coco",
+    seed: int = DEFAULT_SEED,
+    size: int = DEFAULT_IMAGE_SIZE,
+    level: str = DEFAULT_LEVEL,
+) -> Path:
+    """Generate once into the cache (atomically: temp folder, then rename) and return the dataset root.
+
+    The default level keeps its cache key (and folder) from before levels existed."""
     if keypoints not in ("coco", "mpii"):
         raise ValueError(f"unknown keypoint layout {keypoints!r}: expected coco or mpii")
     if images < 1:
         raise ValueError(f"synthetic dataset needs at least 1 image, got {images}")
-    key = json.dumps({"v": GENERATOR_VERSION, "n": images, "k": keypoints, "seed": seed, "size": size})
+    get_level(level)
+    fields = {"v": GENERATOR_VERSION, "n": images, "k": keypoints, "seed": seed, "size": size}
+    if level != DEFAULT_LEVEL:
+        fields["level"] = level
+    key = json.dumps(fields)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = cache_dir() / "synthetic" / f"{keypoints}-{images}-{digest}"
+    name = f"{keypoints}-{images}" if level == DEFAULT_LEVEL else f"{keypoints}-{level}-{images}"
+    root = cache_dir() / "synthetic" / f"{name}-{digest}"
     if (root / "DONE").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         generate = generate_coco if keypoints == "coco" else generate_mpii
-        generate(tmp, images, seed, size)
+        generate(tmp, images, seed, size, level=level)
         (tmp / "DONE").write_text(key)
         try:
             os.rename(tmp, root)
