@@ -29,9 +29,7 @@ VARIANTS = {  # name -> extra flags; the default recipe is run with three seeds 
     "default seed 1": ["--seed", "1"],
     "default seed 2": ["--seed", "2"],
     "no commitment term": ["--entropy-weight", "0"],
-    "commitment 0.5": ["--entropy-weight", "0.5"],
     "beta 0.02, commitment 0.02": ["--beta", "0.02", "--entropy-weight", "0.02"],
-    "beta 0.002, commitment 0.002": ["--beta", "0.002", "--entropy-weight", "0.002"],
 }
 SHARE = 0.6
 
