@@ -111,40 +111,57 @@ def measure_in_context(
 ) -> dict[str, Timing] | None:
     """Timing (overhead excluded) of every key the ``nets`` (uniform networks of ``spec``) cover; None when stopped.
 
-    End-to-end samples of all networks are interleaved (``timing.interleaved_samples``, the harness of
-    ``POST /v1/networks``); then instrumented rounds run round-robin across the networks until every
-    network has ``budget.min_samples`` rounds and the time cap (``budget.max_seconds`` per key) is spent,
-    at most ``budget.max_samples`` rounds.
-    """
+    Builds one ``make_part_runner`` per network (``part_runners``), measures with ``measure_parts`` and
+    closes them again. The agent's build keeps its runners open instead (they are also its stability
+    references) and calls ``measure_parts`` itself."""
     stop = should_stop or (lambda: False)
-    runners = _part_runners(backend, nets, spec, workdir, clock, stop, progress)
+    runners = part_runners(backend, nets, spec, workdir, clock, stop, progress)
     if runners is None:
         return None
     try:
-        totals = interleaved_samples([r.run for r in runners], budget, should_stop)
-        if totals is None:
-            return None
-        keys = {key for net in nets for key in net.parts.values()} | {"head"}
-        cap = budget.max_seconds * len(keys) / 2  # seconds for all instrumented calls together
-        if backend == "torch-cpu":
-            rounds = _hook_rounds(runners, budget, cap, stop)
-        else:
-            rounds = _profiled_rounds(runners, totals, budget, cap, stop)
-        if rounds is None:
-            return None
+        return measure_parts(backend, nets, runners, overhead_ms, budget, should_stop)
     finally:
-        _close(runners)
+        close_runners(runners)
+
+
+def measure_parts(
+    backend: str,
+    nets: list[ContextNet],
+    runners: list[Runner],
+    overhead_ms: float,
+    budget: Budget,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Timing] | None:
+    """Time the parts of ``nets`` on their prepared ``runners`` (``part_runners``); None when stopped.
+
+    End-to-end samples of all networks are interleaved (``timing.interleaved_samples``, the harness of
+    ``POST /v1/networks``); then instrumented rounds run round-robin across the networks until every
+    network has ``budget.min_samples`` rounds and the time cap (``budget.max_seconds`` per key) is spent,
+    at most ``budget.max_samples`` rounds. Each part is timed at the runners' thread count: what is
+    attributed to a layer is that layer running with the request's threads inside its network."""
+    stop = should_stop or (lambda: False)
+    totals = interleaved_samples([r.run for r in runners], budget, should_stop)
+    if totals is None:
+        return None
+    keys = {key for net in nets for key in net.parts.values()} | {"head"}
+    cap = budget.max_seconds * len(keys) / 2  # seconds for all instrumented calls together
+    if backend == "torch-cpu":
+        rounds = _hook_rounds(runners, budget, cap, stop)
+    else:
+        rounds = _profiled_rounds(runners, totals, budget, cap, stop)
+    if rounds is None:
+        return None
     return _attribute(nets, totals, rounds, overhead_ms)
 
 
-def _part_runners(
+def part_runners(
     backend: str,
     nets: list[ContextNet],
     spec: TableSpec,
     workdir: Path,
     clock: str,
     stop: Callable[[], bool],
-    progress: Callable[[int], None] | None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[Runner] | None:
     """One ``make_part_runner`` per network; None (nothing left open) when stopped."""
     from pose.models import PoseNet
@@ -153,19 +170,19 @@ def _part_runners(
     try:
         for i, net in enumerate(nets):
             if stop():
-                _close(runners)
+                close_runners(runners)
                 return None
             model, shape = PoseNet(net.arch, spec.joints), (spec.batch, 3, *spec.input_hw)
             runners.append(make_part_runner(backend, model, shape, spec.threads, workdir, clock))
             if progress is not None:
                 progress(i + 1)
     except BaseException:
-        _close(runners)
+        close_runners(runners)
         raise
     return runners
 
 
-def _close(runners: list[Runner]) -> None:
+def close_runners(runners: list[Runner]) -> None:
     for runner in runners:
         runner.close()
 
@@ -243,7 +260,10 @@ def context_lut(
     """Every stem, head and layer key of ``spec`` measured in context (keys as ``plan.plan_entries``)."""
     nets = context_nets(spec)
     timings = measure_in_context(backend, nets, spec, overhead_ms, budget, workdir, clock, should_stop, progress)
-    if timings is None:
-        return None
+    return None if timings is None else name_head(timings, spec)
+
+
+def name_head(timings: dict[str, Timing], spec: TableSpec) -> dict[str, Timing]:
+    """``measure_parts`` calls the head part ``head``; the table's key for it names its widths and style."""
     timings[fixed_parts(spec)["head"]] = timings.pop("head")
     return timings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -15,7 +16,26 @@ from sqlalchemy.orm import Session
 from lut_service.models import ACTIVE_STATES, Device, Job, Lut, Measurement
 from lut_service.timing import Timing
 
-MEASUREMENT_FIELDS = ("median_ms", "p10_ms", "p90_ms", "iqr_ms", "samples", "raw_median_ms", "overhead_ms")
+MEASUREMENT_FIELDS = ("median_ms", "p10_ms", "p90_ms", "iqr_ms", "samples", "raw_median_ms", "overhead_ms", "method")
+METHODS = ("in-context", "alone")  # how an entry was measured (``Measurement.method``)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How an entry was measured: its clock, and ``in-context`` or ``alone`` (``METHODS``)."""
+
+    clock: str = "wall"
+    method: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"unknown measurement method {self.method!r}; expected one of {', '.join(METHODS)}")
+
+
+NO_BUILD = {
+    "status": "not measured",
+    "reason": "every entry was already stored by earlier builds of other tables; no build ran for this one",
+}
 
 
 def ensure_device(session: Session, device_id: str, fingerprint: dict[str, Any]) -> Device:
@@ -38,12 +58,14 @@ def upsert_measurement(
     threads: int,
     timing: Timing,
     overhead_ms: float = 0.0,
-    clock: str = "wall",
+    provenance: Provenance | None = None,
 ) -> None:
     """Insert or replace the row for (device, backend, key, batch, dtype, threads): never a duplicate.
 
     ``timing`` is the raw measurement; the stored median/p10/p90 have ``overhead_ms`` subtracted (>= 0).
+    ``provenance`` is its clock and method (default: wall clock, method not stated).
     """
+    clock, method = (provenance or Provenance()).clock, (provenance or Provenance()).method
     values = {
         "device_id": device_id,
         "backend": backend,
@@ -59,6 +81,7 @@ def upsert_measurement(
         "samples": timing.samples,
         "raw_median_ms": timing.median_ms,
         "overhead_ms": overhead_ms,
+        "method": method,
     }
     dialect = session.get_bind().dialect.name
     if dialect in ("sqlite", "postgresql"):
@@ -125,8 +148,13 @@ def get_or_create_lut(
     return lut
 
 
-def render_document(lut: Lut, device: Device, rows: dict[str, Measurement]) -> tuple[bytes, str]:
-    """The LUT document as canonical JSON bytes and its strong ETag (a hash of exactly those bytes)."""
+def render_document(
+    lut: Lut, device: Device, rows: dict[str, Measurement], extra: dict[str, Any] | None = None
+) -> tuple[bytes, str]:
+    """The LUT document as canonical JSON bytes and its strong ETag (a hash of exactly those bytes).
+
+    ``extra`` holds the build's ``stability``, ``fidelity`` and ``thread_advice`` sections; a table
+    assembled from entries earlier builds stored gets ``NO_BUILD`` as its stability."""
     request = lut.request
     entries = []
     for key in lut.keys:
@@ -139,6 +167,8 @@ def render_document(lut: Lut, device: Device, rows: dict[str, Measurement]) -> t
                 "p90_ms": round(row.p90_ms, 6),
                 "iqr_ms": round(row.iqr_ms, 6),
                 "samples": row.samples,
+                "method": row.method or "unknown",
+                "clock": row.clock,
             }
         )
     overhead = next(key for key in lut.keys if key.startswith("overhead-"))
@@ -158,24 +188,37 @@ def render_document(lut: Lut, device: Device, rows: dict[str, Measurement]) -> t
         "clock": request["clock"],
         "overhead_key": overhead,
         "entries": entries,
+        "stability": NO_BUILD,
+        **(extra or {}),
     }
     body = json.dumps(document, separators=(",", ":")).encode()
     return body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
-def complete_document(session: Session, lut: Lut) -> tuple[bytes, str] | None:
-    """The stored document, or render and store it now if every key is measured; None while incomplete."""
+def complete_document(session: Session, lut: Lut, extra: dict[str, Any] | None = None) -> tuple[bytes, str] | None:
+    """The stored document, or render and store it now if every key is measured; None while incomplete.
+
+    ``extra``: the build's sections (``render_document``), given by the worker when its job ends. Without
+    it, a table whose job is still active stays incomplete: its stability and fidelity checks run after
+    the last entry is stored, and the document is rendered once, with them."""
     if lut.document is not None and lut.etag is not None:
         return lut.document.encode(), lut.etag
+    if extra is None and active_job(session, lut.id) is not None:
+        return None
     rows = stored_measurements(session, lut)
     if len(rows) < len(lut.keys):
         return None
     device = session.get(Device, lut.device_id)
     assert device is not None
-    body, etag = render_document(lut, device, rows)
+    body, etag = render_document(lut, device, rows, extra)
     lut.document, lut.etag = body.decode(), etag
     session.flush()
     return body, etag
+
+
+def build_steps(lut: Lut) -> int:
+    """Steps of a build job: its entries, then the checks (stability guard, held-out fidelity) and the document."""
+    return len(lut.keys) + 1
 
 
 def active_job(session: Session, lut_id: str) -> Job | None:
@@ -185,8 +228,9 @@ def active_job(session: Session, lut_id: str) -> Job | None:
 
 
 def create_job(session: Session, lut: Lut, done: int, budget: dict[str, Any]) -> Job:
+    """A build of ``lut``: one step per entry, and a last one for its stability and fidelity checks."""
     job = Job(
-        id=uuid.uuid4().hex, lut_id=lut.id, state="queued", done=done, total=len(lut.keys), errors=[], budget=budget
+        id=uuid.uuid4().hex, lut_id=lut.id, state="queued", done=done, total=build_steps(lut), errors=[], budget=budget
     )
     session.add(job)
     session.flush()

@@ -183,6 +183,101 @@ def fidelity(predicted: list[float], measured: list[float]) -> dict[str, float]:
 NETWORK_BUDGET: dict[int, dict[str, int]] = {1: {"min_samples": 15}, 8: {"min_samples": 5, "warmup_runs": 1}}
 
 
+def network_budget(batch: int) -> dict[str, int] | None:
+    """The interleaved rounds a validation asks for at ``batch`` (``NETWORK_BUDGET``)."""
+    return NETWORK_BUDGET.get(batch, NETWORK_BUDGET[8] if batch > 8 else None)
+
+
+def uniform_ops(spec: TableSpec) -> list[list[str]]:
+    """One op list per MBConv op with that op in every searchable layer: the build's uniform networks."""
+    from pose.space import MBCONV_OPS
+
+    n_layers = len(spec.space.layers(spec.input_hw))
+    return [[op] * n_layers for op in MBCONV_OPS]
+
+
+def drift_reference(doc: dict[str, Any]) -> dict[str, Any]:
+    """The network that use-time drift checks re-time, with its time at the build (small, JSON-ready).
+
+    The build's primary reference when the document has a ``stability`` section (``built_ms`` is its
+    median at the build's last checkpoint); for an older document, the uniform network of a middle op,
+    priced by the table itself (an in-context table's uniform networks add up to their measured time)."""
+    spec = TableSpec.from_fields(doc)
+    ref = (doc.get("stability") or {}).get("reference")
+    if ref:
+        name, ops, built, source = ref["name"], list(ref["ops"]), float(ref["built_ms"]), "build checkpoint"
+    else:
+        ops = uniform_ops(spec)[2]
+        name, built, source = f"uniform-{ops[0]}", LutTable.from_document(doc).predict(spec.arch(ops)), "table sum"
+    return {
+        "name": name,
+        "ops": ops,
+        "built_ms": built,
+        "source": source,
+        "backend": doc["backend"],
+        "lut_id": doc.get("id"),
+        "table": spec.as_fields(space_by_name=True),
+    }
+
+
+def drift_now(
+    client: Any, source: dict[str, Any], archs: list[list[str]] | None = None, budget: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Re-time the table's reference network on the agent now: how far the machine moved since the build.
+
+    ``source`` is a LUT document or its ``drift_reference``. ``archs`` (op lists of the same table) are
+    timed in the same interleaved networks job, so they and the reference see the same machine.
+    Returns ``{"reference", "built_ms", "now_ms", "factor", "clock", "latencies"}``: ``factor`` = now /
+    built, the correction a prediction of the table needs to match the machine as it is now
+    (``latencies`` are those of ``archs``, in order). The one function behind the drift the demo, the
+    search summary and ``effpose lut validate`` report."""
+    ref = source if "entries" not in source else drift_reference(source)
+    spec = TableSpec.from_fields(ref["table"])
+    archs = list(archs or [])
+    budget = budget if budget is not None else network_budget(spec.batch)
+    result = client.measure_networks(spec, [*archs, ref["ops"]], ref["backend"], budget=budget, progress=False)
+    now_ms = float(result["latencies"][-1]["median_ms"])
+    return {
+        "reference": ref["name"],
+        "built_ms": round(ref["built_ms"], 4),
+        "now_ms": round(now_ms, 4),
+        "factor": round(now_ms / ref["built_ms"], 4) if ref["built_ms"] > 0 else 1.0,
+        "source": ref["source"],
+        "clock": result["clock"],
+        "latencies": result["latencies"][:-1],
+    }
+
+
+def drift_words(drift: dict[str, Any]) -> str:
+    """One line on what ``drift_now`` found, for people: raw predictions vs drift-corrected ones."""
+    change = drift["factor"] - 1.0
+    pace = "slower" if change > 0 else "faster"
+    return (
+        f"reference {drift['reference']}: {drift['built_ms']:.2f} ms when the table was built, "
+        f"{drift['now_ms']:.2f} ms now ({abs(change):.1%} {pace}); 'corrected' predictions are the table's "
+        f"raw sums x {drift['factor']:.3f}"
+    )
+
+
+def predictions(doc: dict[str, Any], archs: list[list[str]]) -> list[float]:
+    """The table's raw sums for op lists of its own space and head."""
+    table = LutTable.from_document(doc)
+    spec = table.spec
+    return [table.predict(spec.arch(ops)) for ops in archs]
+
+
+def score_networks(archs: list[list[str]], predicted: list[float], latencies: list[dict[str, Any]]) -> dict[str, Any]:
+    """``fidelity`` of predicted against measured medians, plus the per-network pairs (``archs``)."""
+    measured = [float(lat["median_ms"]) for lat in latencies]
+    return {
+        **fidelity(predicted, measured),
+        "archs": [
+            {"ops": ops, "predicted_ms": round(p, 4), "measured_ms": round(m, 4), "iqr_ms": round(lat["iqr_ms"], 4)}
+            for ops, p, m, lat in zip(archs, predicted, measured, latencies, strict=True)
+        ],
+    }
+
+
 def validate_on_agent(
     client: Any, spec: TableSpec, backend: str, samples: int = 50, seed: int = 0, progress: bool = True
 ) -> dict[str, Any]:
@@ -194,44 +289,39 @@ def validate_on_agent(
     The same job also times one uniform network per MBConv op (every layer that op: the networks the
     agent's in-context build measured). Their measured/predicted ratio is the machine's *drift* since
     the LUT was built (load, frequency, memory traffic of other processes), reported as ``drift`` and as
-    ``drift_corrected`` scores (predictions times that ratio). The headline scores never use it."""
-    from pose.space import MBCONV_OPS
+    ``drift_corrected`` scores (predictions times that ratio); the build's own reference, re-timed in
+    the same job (``drift_now``), is ``drift_now``. The headline scores never use either."""
+    import numpy as np
 
     doc = client.request_lut(spec, backend, progress=progress)
     archs = random_archs(spec.space, samples, seed)
-    n_layers = len(spec.space.layers(spec.input_hw))
-    references = [[op] * n_layers for op in MBCONV_OPS]
-    budget = NETWORK_BUDGET.get(spec.batch, NETWORK_BUDGET[8] if spec.batch > 8 else None)
-    result = client.measure_networks(spec, archs + references, backend, budget=budget, progress=progress)
-    table = LutTable.from_document(doc)
-    latencies = result["latencies"][: len(archs)]
-    predicted = [table.predict(spec.arch(ops)) for ops in archs]
-    measured = [lat["median_ms"] for lat in latencies]
+    references = uniform_ops(spec)
+    now = drift_now(client, doc, archs + references, budget=network_budget(spec.batch))
+    latencies = now.pop("latencies")
+    predicted = predictions(doc, archs)
     ref_ratio = [
-        lat["median_ms"] / table.predict(spec.arch(ops))
-        for ops, lat in zip(references, result["latencies"][len(archs) :], strict=True)
+        lat["median_ms"] / p for p, lat in zip(predictions(doc, references), latencies[len(archs) :], strict=True)
     ]
-    import numpy as np
-
     drift = float(np.median(ref_ratio))
+    scored = score_networks(archs, predicted, latencies[: len(archs)])
     return {
         "backend": backend,
         "threads": spec.threads,
         "batch": spec.batch,
         "space": spec.space.name,
         "samples": len(archs),
-        **fidelity(predicted, measured),
+        **{k: v for k, v in scored.items() if k != "archs"},
         "drift": drift - 1.0,
-        "drift_corrected": fidelity([p * drift for p in predicted], measured),
-        "clock": result["clock"],
+        "drift_corrected": fidelity(
+            [p * drift for p in predicted], [lat["median_ms"] for lat in latencies[: len(archs)]]
+        ),
+        "drift_now": now,
+        "drift_now_corrected": fidelity(
+            [p * now["factor"] for p in predicted], [lat["median_ms"] for lat in latencies[: len(archs)]]
+        ),
+        "clock": now["clock"],
         "lut_id": doc["id"],
-        "archs": [
-            {
-                "ops": ops,
-                "predicted_ms": round(p, 4),
-                "measured_ms": round(m, 4),
-                "iqr_ms": round(lat["iqr_ms"], 4),
-            }
-            for ops, p, m, lat in zip(archs, predicted, measured, latencies, strict=True)
-        ],
+        "stability": doc.get("stability"),
+        "build_fidelity": {k: v for k, v in (doc.get("fidelity") or {}).items() if k != "archs"} or None,
+        "archs": scored["archs"],
     }

@@ -55,6 +55,8 @@ class Measurement(Base):
     raw_median_ms: Mapped[float] = mapped_column(Float)  # before the overhead was subtracted
     overhead_ms: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # revision 0003: how it was measured, "in-context" or "alone" (None: stored before the revision said)
+    method: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class Lut(Base):

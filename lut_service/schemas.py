@@ -25,6 +25,11 @@ class BudgetOverrides(BaseModel):
     max_seconds: float | None = Field(None, ge=0, le=120)
     min_sample_ms: float | None = Field(None, ge=0, le=1000)
     timeout_s: float | None = Field(None, gt=0, le=3600, description="wall-clock limit of one entry")
+    stability_threshold: float | None = Field(
+        None, gt=0, le=1, description="largest drift of the reference networks across one part of a build"
+    )
+    stability_retries: int | None = Field(None, ge=0, le=10, description="re-measurements of a drifted part")
+    fidelity_networks: int | None = Field(None, ge=0, le=100, description="held-out networks timed per build")
 
 
 Side = Annotated[int, Field(ge=8)]
@@ -94,6 +99,21 @@ class NetworkResult(BaseModel):
     latencies: list[NetworkLatency]
 
 
+class BuildResult(BaseModel):
+    """A LUT job's account of itself: what it is doing (``phase``), how its entries were measured
+    (``methods``: count per method), how many fell back to being timed alone (``fallbacks``, with the
+    reason) and, once done, the table's stability verdict and fidelity summary."""
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: str
+    methods: dict[str, int] = Field(default_factory=dict)
+    fallbacks: int = 0
+    fallback_reason: str | None = None
+    stability: dict[str, Any] | None = None
+    fidelity: dict[str, Any] | None = None
+
+
 class JobStatus(BaseModel):
     """A job's progress and outcome.
 
@@ -114,7 +134,9 @@ class JobStatus(BaseModel):
     total: int
     errors: list[JobError]
     partial: bool = Field(False, description="failed, but some entries were measured and stored")
-    result: NetworkResult | None = None
+    device_id: str | None = Field(None, description="the device whose agent runs the job")
+    attempts: int = Field(0, description="starts of the job since it last stored an entry (3 without: failed)")
+    result: NetworkResult | BuildResult | None = None
 
 
 class NetworksRequest(TableRequest):
@@ -134,6 +156,8 @@ class LutEntry(BaseModel):
     p90_ms: float
     iqr_ms: float
     samples: int
+    method: str | None = Field(None, description="in-context, alone, or unknown (stored before it was recorded)")
+    clock: str | None = Field(None, description="the clock this entry was timed with")
 
 
 class LutDocument(BaseModel):
@@ -155,6 +179,19 @@ class LutDocument(BaseModel):
     clock: str = Field("wall", description="thread-cpu, wall or cuda-events: how every entry was timed")
     overhead_key: str
     entries: list[LutEntry]
+    stability: dict[str, Any] | None = Field(
+        None,
+        description="the build's stability guard: status (stable, unstable, unchecked, not measured), drift, "
+        "reference networks per checkpoint, hypervisor steal share and load average over the build",
+    )
+    fidelity: dict[str, Any] | None = Field(
+        None,
+        description="held-out random networks timed by the build: within 5/10 %, MAPE, bias, Kendall tau, drift, "
+        "and per network predicted_ms/measured_ms",
+    )
+    thread_advice: list[dict[str, Any]] | None = Field(
+        None, description="which thread count ran a reference network fastest on this device, from stored timings"
+    )
 
 
 class Health(BaseModel):
@@ -168,7 +205,40 @@ class DeviceInfo(BaseModel):
     fingerprint: dict[str, Any]
     backends: list[str]
     unavailable: dict[str, str]
+    thread_advice: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="per backend/batch/space: the fastest thread count for a reference network, from the "
+        "timings this agent already stored (build references, networks jobs); nothing is timed for it",
+    )
 
 
 class ErrorMessage(BaseModel):
     detail: str
+
+
+class LutSummary(BaseModel):
+    """One stored table of any device in the store (``GET /v1/luts``); the document itself is
+    ``GET /v1/luts/{id}``, served by every agent of the store."""
+
+    id: str
+    device_id: str
+    device: dict[str, Any] = Field(description="the device's fingerprint and id, as in the LUT document")
+    backend: str
+    batch: int
+    threads: int
+    dtype: str
+    clock: str
+    input: list[int]
+    space: str = Field(description="the search space's name")
+    joints: int
+    head_widths: list[int]
+    head_style: str
+    sic: bool
+    complete: bool = Field(description="every entry stored and the document rendered")
+    entries: int = Field(description="entries stored so far")
+    total: int = Field(description="entries of the complete table")
+    created_at: str
+
+
+class LutList(BaseModel):
+    luts: list[LutSummary]

@@ -30,6 +30,14 @@ class Budget:
     # Wall-clock limit of one entry (building, ONNX export, warm-up and samples): an entry over it is
     # recorded as an error on its job and the job goes on. Checked before every call of the op.
     timeout_s: float = 120.0
+    # The build's stability guard and shipped fidelity (lut_service/build.py, docs/design.md section 5):
+    # reference networks are timed before, between and after the parts of a build; a part across which
+    # they moved more than ``stability_threshold`` (a fraction) is measured again, at most
+    # ``stability_retries`` times, before the table is stored as unstable. ``fidelity_networks`` held-out
+    # random networks are timed at the end and scored against the table (0: none).
+    stability_threshold: float = 0.03
+    stability_retries: int = 2
+    fidelity_networks: int = 5
 
     def merged(self, overrides: dict | None) -> Budget:
         """This budget with the non-None fields of ``overrides`` applied."""
@@ -46,6 +54,16 @@ def _flag(raw: str, name: str) -> bool:
     if value in ("1", "true", "yes", "on"):
         return True
     raise ValueError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+
+
+def _positive(raw: str, name: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"{name}={raw!r} must be above 0")
+    return value
 
 
 def _env_budget() -> Budget:
@@ -80,6 +98,9 @@ class Settings:
     max_tensor_elements: int = 1 << 28  # largest activation (batch x C x H x W) a request may need
     max_weight_elements: int = 1 << 24  # largest op weights (the published spaces need < 1M)
     poll_interval_s: float = 1.0  # how often the idle worker looks at the jobs table
+    # a running job whose holder's heartbeat is older than this is taken over by another start of the
+    # device's agent (lut_service.claims); the holder beats every quarter of it
+    job_stale_s: float = 60.0
     clock: str = "auto"  # "auto": thread CPU time on 1-thread CPU backends, else wall; "wall": always wall
 
     @classmethod
@@ -93,6 +114,7 @@ class Settings:
             "protect_reads": _flag(env.get("EFFPOSE_PROTECT_READS", ""), "EFFPOSE_PROTECT_READS"),
             "budget": _env_budget(),
             "clock": env.get("EFFPOSE_PROFILE_CLOCK", "auto"),
+            "job_stale_s": _positive(env.get("EFFPOSE_JOB_STALE_S") or "60", "EFFPOSE_JOB_STALE_S"),
         }
         for name, var in (
             ("max_body_bytes", "EFFPOSE_MAX_BODY_BYTES"),

@@ -258,11 +258,17 @@ class TorchCudaRunner(Runner):
         torch.cuda.empty_cache()
 
 
-def ort_session_options(threads: int, spinning: bool = True):  # noqa: ANN201 - onnxruntime type
+def ort_session_options(threads: int, spinning: bool = True, settle: bool = True):  # noqa: ANN201 - onnxruntime type
     """Fixed intra-op threads, one inter-op thread, sequential execution: every ORT timing here.
 
     ``spinning`` is ORT's default (workers busy-wait briefly between ops). Turning it off made 2-thread
     runs much slower here (efficientpose-a 12.3 ms instead of 6.9 ms: every op pays a thread wake-up).
+    ``settle`` (``session.force_spinning_stop``) parks a session's pool as soon as its ``run`` returns,
+    so a session timed after another one does not share the cores with that one's still-spinning pool:
+    with many sessions interleaved (6-12 in a build, 56 in a validation) at 2 threads on 2 cores, the
+    spinning pools of idle sessions made each timed call 1.3-1.6x its time alone; settled, 0.97-1.1x
+    (the same 8 networks in alternating passes, docs/design.md section 5). One-thread sessions have no
+    pool, so it changes nothing there.
     """
     import onnxruntime as ort
 
@@ -272,6 +278,8 @@ def ort_session_options(threads: int, spinning: bool = True):  # noqa: ANN201 - 
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if settle:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 

@@ -1,7 +1,8 @@
 """The single profiling worker: one thread per agent, fed from the jobs table.
 
-Only one measurement runs at a time (two would disturb each other's timings). Each entry is committed
-as soon as it is measured, so an agent stopped or killed mid-job resumes from the first missing key.
+Only one measurement runs at a time (two would disturb each other's timings). A LUT job is a
+``lut_service.build.LutBuild`` (entries, the stability guard around them, held-out fidelity); its entries
+are committed part by part, so an agent stopped or killed mid-job resumes from the first missing key.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import logging
 import shutil
 import tempfile
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -18,74 +18,16 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from lut_service import crud
-from lut_service.context import CONTEXT_BACKENDS, context_lut
+from lut_service.build import LutBuild, MeasurementTimeout, deadline_check, measure_entry
 from lut_service.db import session_scope
-from lut_service.models import Job, Lut
-from lut_service.plan import PlannedEntry, plan_entries
+from lut_service.models import Job
 from lut_service.settings import Budget
-from lut_service.timing import (
-    Timing,
-    interleaved_samples,
-    make_runner,
-    measure,
-    overhead_probe,
-    timing_stats,
-    tune_allocator,
-)
+from lut_service.timing import interleaved_samples, make_runner, timing_stats, tune_allocator
 from pose.space import TableSpec
 
+__all__ = ["MeasurementTimeout", "Worker", "deadline_check", "measure_entry"]
+
 log = logging.getLogger("lut_service.worker")
-
-
-class MeasurementTimeout(RuntimeError):
-    """One entry (or one networks job) ran past its ``timeout_s``."""
-
-
-def deadline_check(timeout_s: float, what: str = "measurement") -> Callable[[], None]:
-    """A callable that raises ``MeasurementTimeout`` once ``timeout_s`` seconds have passed since now."""
-    deadline = time.monotonic() + timeout_s
-
-    def check() -> None:
-        if time.monotonic() > deadline:
-            raise MeasurementTimeout(
-                f"{what} exceeded its timeout of {timeout_s:g} s (budget timeout_s, EFFPOSE_PROFILE_TIMEOUT_S)"
-            )
-
-    return check
-
-
-def measure_entry(
-    entry: PlannedEntry,
-    backend: str,
-    threads: int,
-    budget: Budget,
-    workdir: Path,
-    stop: Callable[[], bool] | None = None,
-    clock: str = "auto",
-) -> Timing:
-    """Build the entry's module from ``pose`` and time it (the overhead entry with the backend's probe).
-
-    ``budget.timeout_s`` bounds the whole entry: it is checked after building and exporting and before
-    every call of the op (outside the timed region), so a slow entry stops within one call of its limit.
-    """
-    check = deadline_check(budget.timeout_s)
-    if entry.kind == "overhead":
-        batch, _, h, w = entry.input_shape
-        module, shape = overhead_probe(backend, batch, (h, w))
-    else:
-        module, shape = entry.build(), entry.input_shape
-    check()
-    runner = make_runner(backend, module, shape, threads, workdir, clock)
-    try:
-        check()
-
-        def run(calls: int) -> float:
-            check()
-            return runner.run(calls)
-
-        return measure(run, budget, stop)
-    finally:
-        runner.close()
 
 
 class Worker:
@@ -156,93 +98,12 @@ class Worker:
             self.run_lut_job(job_id)
 
     def run_lut_job(self, job_id: str) -> None:
-        with session_scope(self.factory) as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            lut = session.get(Lut, job.lut_id)
-            assert lut is not None
-            request = dict(lut.request)
-            device_id, backend, batch, dtype, threads = lut.device_id, lut.backend, lut.batch, lut.dtype, lut.threads
-            clock = request["clock"]
-            stored = crud.stored_measurements(session, lut)
-            have = {key: row.raw_median_ms for key, row in stored.items()}
-            job.state, job.errors, job.done, job.total = "running", [], len(stored), len(lut.keys)
-            budget = self.budget.merged(job.budget)
+        """Build a table (``lut_service.build.LutBuild``: entries, stability guard, held-out fidelity)."""
         self.current_job = job_id
-        spec = TableSpec.from_fields(request)
-        entries = plan_entries(spec)
-        errors: list[dict[str, str]] = []
-        overhead_ms = 0.0
-        context: dict[str, Timing] | None = None  # CPU backends: every key timed inside whole networks
-        workdir = Path(tempfile.mkdtemp(prefix="effpose-lut-"))
         try:
-            # The overhead entry first: every other entry is stored with it subtracted.
-            entries.sort(key=lambda e: e.kind != "overhead")
-            for entry in entries:
-                if self._stop.is_set():
-                    return  # the job stays 'running' and is resumed first at the next start
-                if entry.key in have:
-                    if entry.kind == "overhead":
-                        overhead_ms = have[entry.key]
-                    continue
-                if context is None and entry.kind != "overhead" and backend in CONTEXT_BACKENDS:
-                    context = self._measure_in_context(spec, backend, overhead_ms, budget, workdir, clock)
-                    if context is None:
-                        return  # stopping: resumed at the next start
-                try:
-                    if context and entry.key in context:
-                        timing = context[entry.key]  # already net of the overhead: nothing to subtract
-                    else:
-                        timing = measure_entry(entry, backend, threads, budget, workdir, self._stop.is_set, clock)
-                except Exception as exc:  # a backend error or out of memory: record it, go on
-                    log.warning("measuring %s failed: %s", entry.key, traceback.format_exc(limit=3))
-                    errors.append({"key": entry.key, "error": f"{type(exc).__name__}: {exc}"})
-                    with session_scope(self.factory) as session:
-                        session.get(Job, job_id).errors = list(errors)
-                    continue
-                if self._stop.is_set():
-                    return  # possibly cut short: do not store it
-                subtract = 0.0 if entry.kind == "overhead" or (context and entry.key in context) else overhead_ms
-                with session_scope(self.factory) as session:  # the entry and the progress in one commit
-                    crud.upsert_measurement(
-                        session,
-                        device_id=device_id,
-                        backend=backend,
-                        key=entry.key,
-                        batch=batch,
-                        dtype=dtype,
-                        threads=threads,
-                        timing=timing,
-                        overhead_ms=subtract,
-                        clock=clock,
-                    )
-                    job = session.get(Job, job_id)
-                    job.done += 1
-                if entry.kind == "overhead":
-                    overhead_ms = timing.median_ms
-            with session_scope(self.factory) as session:
-                job = session.get(Job, job_id)
-                lut = session.get(Lut, job.lut_id)
-                job.errors = errors
-                document = crud.complete_document(session, lut)
-                job.state = "done" if document is not None and not errors else "failed"
+            LutBuild(self.factory, job_id, self.budget, self._stop.is_set).run()
         finally:
             self.current_job = None
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    def _measure_in_context(
-        self, spec: TableSpec, backend: str, overhead_ms: float, budget: Budget, workdir: Path, clock: str
-    ) -> dict[str, Timing] | None:
-        """All stem, head and layer entries of ``spec`` timed in context (``lut_service.context``);
-        ``{}`` (each entry then timed on its own) if that fails, None when stopping."""
-        check = deadline_check(budget.timeout_s * 8, "in-context measurement")
-        try:
-            return context_lut(
-                backend, spec, overhead_ms, budget, workdir, clock, lambda: self._stop.is_set() or check() is not None
-            )
-        except Exception:
-            log.warning("in-context measurement failed, timing entries alone: %s", traceback.format_exc(limit=3))
-            return {}
 
     def run_networks_job(self, job_id: str) -> None:
         """Time whole networks round-robin, so drifting machine load hits every network alike."""
