@@ -36,8 +36,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.documents = {}
         with session_scope(sessions) as session:
             crud.ensure_device(session, app.state.device_id, info)
-        app.state.worker = Worker(sessions, settings.budget, settings.poll_interval_s)
-        app.state.worker.start()  # picks up jobs left unfinished by a previous run first
+        app.state.worker = Worker(
+            sessions,
+            settings.budget,
+            settings.poll_interval_s,
+            device_id=app.state.device_id,
+            stale_s=settings.job_stale_s,
+        )
+        app.state.worker.start()  # this device's jobs only; ones left unfinished by a dead agent first
         try:
             yield
         finally:

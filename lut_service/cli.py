@@ -61,6 +61,30 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(args: argparse.Namespace) -> int:
+    """``effpose lut list``: the tables of every device in the agent's store (one line each, or JSON)."""
+    from lut_service.client import AgentClient
+
+    filters = {"device": args.device, "backend": args.backend, "space": args.space, "batch": args.batch}
+    with AgentClient(args.agent, retries=args.retries) as client:
+        luts = client.list_luts(**filters, threads=args.threads)
+    if args.json:
+        print(json.dumps({"agent": args.agent, "luts": luts}))
+        return 0
+    if not luts:
+        print("no stored tables match")
+    for lut in luts:
+        h, w = lut["input"]
+        state = "complete" if lut["complete"] else f"{lut['entries']}/{lut['total']} entries"
+        device = lut["device"]
+        where = f"{device.get('cpu', '?')}" + (f", {', '.join(device['gpus'])}" if device.get("gpus") else "")
+        print(
+            f"{lut['id']}  device {lut['device_id']} ({where})  {lut['backend']}  {lut['space']} {h}x{w}  "
+            f"batch {lut['batch']}  threads {lut['threads']}  {lut['clock']}  {state}"
+        )
+    return 0
+
+
 def _table_spec(args: argparse.Namespace) -> TableSpec:
     """The table ``--space``/``--input``/``--batch``/``--threads``/``--joints`` name. A space file is read
     here: the client sends it inline (the agent never reads paths), ``small``/``large`` by name."""
@@ -72,25 +96,36 @@ def _table_spec(args: argparse.Namespace) -> TableSpec:
 def _build(args: argparse.Namespace) -> int:
     from lut_service.client import AgentClient
     from lut_service.lut import document_summary, save_document
+    from lut_service.stability import describe, unstable_warning
 
     spec = _table_spec(args)
     with AgentClient(args.agent, retries=args.retries) as client:
         doc = client.request_lut(spec, args.backend, progress=not args.quiet)
     path = save_document(doc, args.output)
     summary = document_summary(doc)
+    warning = unstable_warning(doc.get("stability"))
+    if warning:  # on stderr, also with --json: a user must see it
+        print(f"effpose lut build: warning: {warning}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"path": str(path), "id": doc["id"], "entries": summary["entries"]}))
+        stability = {k: v for k, v in (doc.get("stability") or {}).items() if k not in ("parts", "checkpoints")}
+        print(json.dumps({"path": str(path), "id": doc["id"], "entries": summary["entries"], "stability": stability}))
     else:
         print(f"wrote {path}: LUT {doc['id']}, {summary['entries']} entries, {doc['backend']} on {summary['device']}")
+        for line in describe(doc):
+            if not line.startswith("WARNING"):
+                print(f"  {line}")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     from lut_service.lut import document_summary, load_document
+    from lut_service.stability import describe
 
-    summary = document_summary(load_document(args.file), slowest=args.top)
+    doc = load_document(args.file)
+    summary = document_summary(doc, slowest=args.top)
     if args.json:
-        print(json.dumps(summary))
+        extra = {k: doc.get(k) for k in ("stability", "fidelity", "thread_advice")}
+        print(json.dumps({**summary, **extra}))
         return 0
     print(f"LUT {summary['id']}: {summary['backend']} on {summary['device']}")
     h, w = summary["input"]
@@ -106,12 +141,15 @@ def _show(args: argparse.Namespace) -> int:
         "  IQR/median: min {min:.3f}  median {median:.3f}  p90 {p90:.3f}  max {max:.3f}".format(**spread)
         + f"  (samples {summary['samples']['min']}..{summary['samples']['max']})"
     )
+    for line in describe(doc):
+        print(f"  {line}")
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
     from lut_service.client import AgentClient
-    from lut_service.lut import validate_on_agent
+    from lut_service.lut import drift_words, validate_on_agent
+    from lut_service.stability import fidelity_line
 
     if args.samples < 2:
         raise ValueError(f"--samples must be at least 2, got {args.samples}")
@@ -136,6 +174,14 @@ def _validate(args: argparse.Namespace) -> int:
         f"  drift since the LUT build {stats['drift']:+.2%} (uniform reference networks); corrected for it: "
         f"within +-5% {corrected['within_5pct']:.0%}, +-10% {corrected['within_10pct']:.0%}"
     )
+    now, fixed = stats["drift_now"], stats["drift_now_corrected"]
+    print(f"  {drift_words(now)}")
+    print(
+        f"  raw predictions: within +-5% {stats['within_5pct']:.0%}, MAPE {stats['mape']:.2%}; corrected (x "
+        f"{now['factor']:.3f}): within +-5% {fixed['within_5pct']:.0%}, MAPE {fixed['mape']:.2%}"
+    )
+    if stats.get("build_fidelity"):
+        print(f"  {fidelity_line(stats['build_fidelity'])}")
     return 0
 
 
@@ -190,6 +236,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     validate.add_argument("--quiet", action="store_true", help="no progress bar")
     validate.add_argument("--json", action="store_true", help="print one JSON object")
     validate.set_defaults(func=_validate)
+
+    listing = sub.add_parser("list", help="list the stored tables of every device in an agent's store")
+    listing.add_argument("--agent", required=True, help="agent URL, e.g. http://127.0.0.1:8000")
+    listing.add_argument("--device", default=None, help="only this device id")
+    listing.add_argument("--backend", default=None, choices=BACKENDS)
+    listing.add_argument("--space", default=None, help="only this search space (its name)")
+    listing.add_argument("--batch", type=int, default=None)
+    listing.add_argument("--threads", type=int, default=None)
+    listing.add_argument("--retries", type=int, default=3)
+    listing.add_argument("--json", action="store_true", help="print one JSON object")
+    listing.set_defaults(func=_list)
 
     show = sub.add_parser("show", help="summarize a LUT file: entries per stage, slowest ops, spread")
     show.add_argument("file")

@@ -117,6 +117,12 @@ class AgentClient:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}").json()
 
+    def list_luts(self, **filters: str | int | None) -> list[dict[str, Any]]:
+        """``GET /v1/luts``: stored tables of every device in the agent's store, newest first, filtered by
+        ``device``, ``backend``, ``space`` (its name), ``batch``, ``threads``."""
+        params = {name: value for name, value in filters.items() if value is not None}
+        return self._request("GET", "/v1/luts", params=params).json()["luts"]
+
     def submit(self, body: dict[str, Any]) -> httpx.Response:
         """POST /v1/luts as is: 202 (job) or 200 (complete document)."""
         return self._request("POST", "/v1/luts", ok=(200, 202), json=body)

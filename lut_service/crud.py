@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,16 @@ NO_BUILD = {
 }
 
 
+# Test only: the agent kills itself (SIGKILL) when it is about to store this key, as a measurement that
+# takes the process down would (a real out-of-memory kill). tests/lut_service/test_fleet.py uses it.
+KILL_AT_KEY = "EFFPOSE_TEST_KILL_AT_KEY"
+
+
+def _test_kill_hook(key: str) -> None:
+    if os.environ.get(KILL_AT_KEY) == key:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def ensure_device(session: Session, device_id: str, fingerprint: dict[str, Any]) -> Device:
     device = session.get(Device, device_id)
     if device is None:
@@ -65,6 +77,7 @@ def upsert_measurement(
     ``timing`` is the raw measurement; the stored median/p10/p90 have ``overhead_ms`` subtracted (>= 0).
     ``provenance`` is its clock and method (default: wall clock, method not stated).
     """
+    _test_kill_hook(key)
     clock, method = (provenance or Provenance()).clock, (provenance or Provenance()).method
     values = {
         "device_id": device_id,
@@ -232,15 +245,18 @@ def create_job(session: Session, lut: Lut, done: int, budget: dict[str, Any]) ->
     job = Job(
         id=uuid.uuid4().hex, lut_id=lut.id, state="queued", done=done, total=build_steps(lut), errors=[], budget=budget
     )
+    job.device_id = lut.device_id  # only that device's agent runs it
     session.add(job)
     session.flush()
     return job
 
 
-def create_networks_job(session: Session, payload: dict[str, Any], budget: dict[str, Any]) -> Job:
+def create_networks_job(session: Session, device_id: str, payload: dict[str, Any], budget: dict[str, Any]) -> Job:
+    """Time whole networks on ``device_id`` (only that device's agent runs it)."""
     job = Job(
         id=uuid.uuid4().hex,
         kind="networks",
+        device_id=device_id,
         lut_id=None,
         state="queued",
         done=0,
@@ -252,16 +268,6 @@ def create_networks_job(session: Session, payload: dict[str, Any], budget: dict[
     session.add(job)
     session.flush()
     return job
-
-
-def next_job(session: Session) -> Job | None:
-    """Oldest unfinished job (a job left ``running`` by a stopped agent is resumed first)."""
-    return session.scalar(
-        select(Job)
-        .where(Job.state.in_(ACTIVE_STATES))
-        .order_by((Job.state == "running").desc(), Job.created_at, Job.id)
-        .limit(1)
-    )
 
 
 def list_devices(session: Session) -> list[Device]:

@@ -182,7 +182,10 @@ def _missing_base_columns(connection: Connection, tables: set[str]) -> list[str]
     """``table.column`` of revision 0001 that the database lacks."""
     missing = []
     for table, columns in BASE_SCHEMA.items():
-        present = {c["name"] for c in inspect(connection).get_columns(table)} if table in tables else set()
+        if table not in tables:
+            missing.append(f"table {table}")
+            continue
+        present = {c["name"] for c in inspect(connection).get_columns(table)}
         missing += [f"{table}.{column}" for column in sorted(columns - present)]
     return missing
 

@@ -6,9 +6,15 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 from functools import lru_cache
 from typing import Any
+
+# Test only: simulate several devices on one machine (tests/lut_service/test_fleet.py runs two agents
+# into one store). When set, the device id is this value and the fingerprint records it; never set it on
+# a real agent, since the id then no longer follows the hardware and software.
+DEVICE_ID_OVERRIDE = "EFFPOSE_DEVICE_ID_OVERRIDE"
 
 
 def _cpu_model() -> str:
@@ -86,10 +92,17 @@ def fingerprint() -> dict[str, Any]:
     from lut_service.timing import allocator_description
 
     info["allocator"] = allocator_description()  # the agent's worker applies it (timing.tune_allocator)
+    override = os.environ.get(DEVICE_ID_OVERRIDE, "").strip()
+    if override:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", override):
+            raise ValueError(f"{DEVICE_ID_OVERRIDE}={override!r}: expected 1-32 letters, digits, '.', '_' or '-'")
+        info["device_id_override"] = override
     return info
 
 
 def device_id(info: dict[str, Any]) -> str:
-    """Stable id: a hash of the canonical JSON of the fingerprint."""
+    """Stable id: a hash of the canonical JSON of the fingerprint (the test override as it is)."""
+    if info.get("device_id_override"):
+        return str(info["device_id_override"])
     blob = json.dumps(info, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -117,4 +117,4 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     claimed_by: Mapped[str | None] = mapped_column(String(120), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    step: Mapped[str | None] = mapped_column(String(400), nullable=True)  # what the worker was last doing
+    stored_at_claim: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -18,7 +18,7 @@ import lut_service
 from lut_service import crud
 from lut_service.db import session_scope
 from lut_service.fastpath import etag_matches
-from lut_service.models import Job, Lut
+from lut_service.models import Device, Job, Lut
 from lut_service.plan import largest_activation, largest_weight
 from lut_service.schemas import (
     DeviceInfo,
@@ -28,11 +28,14 @@ from lut_service.schemas import (
     JobStatus,
     LutAccepted,
     LutDocument,
+    LutList,
     LutRequest,
+    LutSummary,
     NetworksRequest,
     TableRequest,
 )
 from lut_service.settings import Settings
+from lut_service.stability import advice_from_store
 from lut_service.timing import BACKENDS, clock_name, unavailable_reason
 from pose.space import SPACES, TableSpec, table_keys
 
@@ -179,13 +182,16 @@ def health(request: Request) -> Health:
 
 
 @router.get("/device", response_model=DeviceInfo, responses=UNAUTHORIZED)
-def device(request: Request) -> DeviceInfo:
+def device(request: Request, session: SessionDep) -> DeviceInfo:
+    """This device, its backends, and which thread count ran a reference network fastest here (from the
+    timings builds and networks jobs already stored: ``stability.advice_from_store``)."""
     unavailable = {b: r for b in BACKENDS if (r := unavailable_reason(b)) is not None}
     return DeviceInfo(
         id=request.app.state.device_id,
         fingerprint=request.app.state.fingerprint,
         backends=[b for b in BACKENDS if b not in unavailable],
         unavailable=unavailable,
+        thread_advice=advice_from_store(session, request.app.state.device_id),
     )
 
 
@@ -247,7 +253,7 @@ def measure_networks(body: NetworksRequest, request: Request, session: SessionDe
             messages = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
             raise HTTPException(422, f"archs[{i}]: {messages}") from None
     budget = body.budget.model_dump(exclude_none=True) if body.budget else {}
-    job = crud.create_networks_job(session, {**resolved.canonical, "archs": body.archs}, budget)
+    job = crud.create_networks_job(session, state.device_id, {**resolved.canonical, "archs": body.archs}, budget)
     session.commit()
     state.worker.wake()
     return JSONResponse({"job_id": job.id}, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
@@ -268,7 +274,53 @@ def get_job(job_id: str, session: SessionDep) -> JobStatus:
         errors=job.errors,
         partial=job.state == "failed" and job.kind == "lut" and 0 < job.done < job.total,
         result=job.result,
+        device_id=job.device_id,
+        attempts=job.attempts,
     )
+
+
+def lut_summary(session: Session, lut: Lut, device: Device) -> LutSummary:
+    """What the table list says about one table (no entries: those are in its document)."""
+    request = lut.request
+    stored = len(lut.keys) if lut.document is not None else len(crud.stored_measurements(session, lut))
+    return LutSummary(
+        id=lut.id,
+        device_id=lut.device_id,
+        device={"id": device.id, **device.fingerprint},
+        backend=lut.backend,
+        batch=lut.batch,
+        threads=lut.threads,
+        dtype=lut.dtype,
+        clock=request["clock"],
+        input=list(request["input"]),
+        space=request["space"]["name"],
+        joints=request["joints"],
+        head_widths=list(request["head_widths"]),
+        head_style=request["head_style"],
+        sic=request["sic"],
+        complete=lut.document is not None,
+        entries=stored,
+        total=len(lut.keys),
+        created_at=lut.created_at.isoformat(),
+    )
+
+
+@router.get("/luts", response_model=LutList, responses=UNAUTHORIZED)
+def list_tables(
+    session: SessionDep,
+    device: str | None = None,
+    backend: str | None = None,
+    space: str | None = None,
+    batch: int | None = None,
+    threads: int | None = None,
+) -> LutList:
+    """Every stored table of every device in this store, newest first, filtered by the given fields
+    (``space`` is the space's name). Agents that share a store (a fleet) all list the same tables, with
+    each table's device fingerprint; ``GET /v1/luts/{id}`` then serves any of them, read-only."""
+    devices = {d.id: d for d in crud.list_devices(session)}
+    luts = crud.list_luts(session, device_id=device, backend=backend, batch=batch, threads=threads)
+    chosen = [lut for lut in luts if space is None or lut.request["space"]["name"] == space]
+    return LutList(luts=[lut_summary(session, lut, devices[lut.device_id]) for lut in chosen])
 
 
 def _load_document(request: Request, lut_id: str) -> tuple[bytes, str]:
@@ -277,6 +329,14 @@ def _load_document(request: Request, lut_id: str) -> tuple[bytes, str]:
         lut = session.get(Lut, lut_id)
         if lut is None:
             raise HTTPException(404, f"unknown LUT {lut_id!r}")
+        if lut.device_id != request.app.state.device_id and lut.document is None:
+            # another device's table, read-only here: only its own agent stores its document
+            done = len(crud.stored_measurements(session, lut))
+            raise HTTPException(
+                409,
+                f"LUT {lut_id} of device {lut.device_id} is incomplete ({done}/{len(lut.keys)} entries); "
+                f"only device {lut.device_id}'s agent builds it",
+            )
         document = crud.complete_document(session, lut)
         if document is None:
             done = len(crud.stored_measurements(session, lut))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from lut_service import crud
+from lut_service import claims
 from lut_service.build import LutBuild, MeasurementTimeout, deadline_check, measure_entry
 from lut_service.db import session_scope
 from lut_service.models import Job
@@ -31,14 +31,30 @@ log = logging.getLogger("lut_service.worker")
 
 
 class Worker:
-    def __init__(self, factory: sessionmaker[Session], budget: Budget, poll_interval_s: float = 1.0) -> None:
+    """The profiling thread of one device's agent: it runs only that device's jobs, claimed one at a time
+    (``lut_service.claims``), so several agents can share one store."""
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        budget: Budget,
+        poll_interval_s: float = 1.0,
+        *,
+        device_id: str,
+        stale_s: float = 60.0,
+    ) -> None:
         self.factory = factory
         self.budget = budget
         self.poll_interval_s = poll_interval_s
+        self.device_id = device_id
+        self.stale_s = stale_s  # a claim whose heartbeat is older than this may be taken over
+        self.agent_id = claims.agent_id()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.current_job: str | None = None
+        self.claimed: str | None = None  # the job this process holds
+        self.heartbeat = claims.Heartbeat(factory, self.agent_id, max(stale_s / 4, 0.05), lambda: self.claimed)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -46,12 +62,21 @@ class Worker:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="lut-profiler", daemon=True)
         self._thread.start()
+        self.heartbeat.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current step; the held job is given back unfinished and resumed at the next start."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.heartbeat.stop()
+        if self.claimed is not None:  # a measurement still running past the timeout loses its claim here
+            claims.release(self.factory, self.claimed, self.agent_id)
+
+    def halted(self) -> bool:
+        """Whether the current job must stop: the agent is stopping, or another process took the job over."""
+        return self._stop.is_set() or self.heartbeat.lost.is_set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -63,18 +88,22 @@ class Worker:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                with session_scope(self.factory) as session:
-                    job = crud.next_job(session)
-                    job_id = job.id if job is not None else None
+                job_id = claims.claim_next(self.factory, self.device_id, self.agent_id, self.stale_s)
                 if job_id is None:
                     self._wake.wait(self.poll_interval_s)
                     self._wake.clear()
                     continue
+                self.heartbeat.lost.clear()
+                self.claimed = job_id
                 try:
                     self.run_job(job_id)
                 except Exception as exc:  # a job that cannot even start fails once, not forever
                     log.exception("job %s failed", job_id)
                     self._fail(job_id, exc)
+                finally:
+                    if self._stop.is_set():
+                        claims.release(self.factory, job_id, self.agent_id)
+                    self.claimed = None
             except Exception:  # keep the worker alive whatever happens (e.g. the database is locked)
                 log.exception("profiling worker error")
                 self._stop.wait(self.poll_interval_s)
@@ -101,7 +130,7 @@ class Worker:
         """Build a table (``lut_service.build.LutBuild``: entries, stability guard, held-out fidelity)."""
         self.current_job = job_id
         try:
-            LutBuild(self.factory, job_id, self.budget, self._stop.is_set).run()
+            LutBuild(self.factory, job_id, self.budget, self.halted).run()
         finally:
             self.current_job = None
 

@@ -34,8 +34,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--cost",
         action="append",
         metavar="COST",
-        help="flops, params, a LUT file, a LUT URL (.../v1/luts/ID) or an agent URL "
-        "(http://HOST:PORT?backend=onnxruntime-cpu&threads=1&batch=1); repeat for several cost terms",
+        help="flops, params, a LUT file, a LUT URL (.../v1/luts/ID, of any device in the agent's store), an agent "
+        "URL (http://HOST:PORT?backend=onnxruntime-cpu&threads=1&batch=1; add &device=ID for another device's "
+        "stored table) or a table-list filter (http://HOST:PORT/v1/luts?device=ID&backend=NAME[&space=&batch="
+        "&threads=], which must select one complete table; see `effpose lut list`); repeat for several cost terms",
     )
     p.add_argument(
         "--lambda",

@@ -14,7 +14,14 @@ Sources (``--cost``):
 - ``http://HOST:PORT[?backend=NAME&threads=T&batch=B&dtype=D]``: an agent; the LUT of the space is
   requested first (the agent profiles missing keys), then fetched. Defaults: onnxruntime-cpu, 1
   thread, batch 1, float32. If the agent cannot be reached the client's last cached table is used
-  with a warning, and without one the error says so.
+  with a warning, and without one the error says so. With ``&device=ID`` of another device (a fleet's
+  agents share one store), that device's stored table of the same settings is taken instead: no agent
+  profiles for another device.
+- ``http://HOST:PORT/v1/luts?device=ID&backend=NAME&space=S&batch=B&threads=T`` (any of the filters):
+  the one complete stored table, of any device of the agent's store, that the filters and the search's
+  space, joints and head select (among several, those at the search's input size and batch); none or
+  still several -> ``ValueError`` listing what the store has. A table id of another device works as well
+  (``/v1/luts/ID``): every agent of a store serves every device's tables.
 
 What a table is for is one ``pose.space.TableSpec`` (space, input size, batch, joints, head); its keys
 are ``pose.space.table_keys(spec)``, the same function the agent plans its tables with. A table lacking a
@@ -147,7 +154,23 @@ def lut_table(doc: dict[str, Any], spec: TableSpec, source: str = "LUT") -> Cost
     fixed = sum(costs[key] for key in fixed_keys(spec))
     backend = str(doc.get("backend", "lut"))
     meta = {k: doc.get(k) for k in ("id", "backend", "threads", "dtype", "device") if k in doc}
+    meta["drift_reference"] = _trust(doc, source)
     return CostTable(f"lut:{backend}", "ms", table, fixed, source, spec.input_hw, spec.batch, meta)
+
+
+def _trust(doc: dict[str, Any], source: str) -> dict[str, Any]:
+    """Say on stderr how far the table can be trusted (its build's stability and shipped fidelity, and a
+    warning in words when the machine would not hold still); return its ``lut.drift_reference``, the
+    network ``search.loop`` re-times on the agent to report drift-corrected predictions."""
+    from lut_service.lut import drift_reference
+    from lut_service.stability import fidelity_line, stability_line, unstable_warning
+
+    print(f"cost: LUT {source}: {stability_line(doc.get('stability'))}", file=sys.stderr)
+    print(f"cost: LUT {source}: {fidelity_line(doc.get('fidelity'))}", file=sys.stderr)
+    warning = unstable_warning(doc.get("stability"))
+    if warning:
+        print(f"cost: warning: LUT {source}: {warning}", file=sys.stderr)
+    return drift_reference(doc)
 
 
 def _index_path(agent) -> Path:  # noqa: ANN001 - lut_service.client.AgentClient
@@ -191,19 +214,32 @@ def _cached_document(agent, index_key: str) -> dict[str, Any] | None:  # noqa: A
 
 def _agent_document(url: str, spec: TableSpec) -> dict[str, Any]:
     """A LUT of ``spec`` from an agent URL: ``/v1/luts/ID`` fetched (and completed through the agent when it
-    lacks keys of this space), or the agent's LUT of ``spec`` with the URL's backend/threads/batch/dtype."""
+    lacks keys of this space), the table a ``/v1/luts?...`` filter selects, or the agent's LUT of ``spec``
+    with the URL's backend/threads/batch/dtype (another ``device``'s stored one, read-only)."""
     from lut_service.client import fetch_lut
 
     parts = urlsplit(url)
     base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+    if parts.path.rstrip("/") == "/v1/luts":
+        return _listed_document(base, url, _list_filters(url, parts.query), spec)
     if "/v1/luts/" not in parts.path:
         request, backend = _query_request(url, parts.query, spec)
+        device = parse_qs(parts.query).get("device", [None])[-1]
+        if device is not None and device != _agent_device(base):
+            filters = {"device": device, "backend": backend, "batch": request.batch, "threads": request.threads}
+            return _listed_document(base, url, filters, request)
         return _request_document(base, request, backend)
     doc = fetch_lut(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
     stored = replace(spec, input_hw=(int(doc["input"][0]), int(doc["input"][1])), batch=int(doc["batch"]))
     have = {e["key"] for e in doc["entries"]}
     if all(key in have for key in table_keys(stored)):
         return doc
+    owner = str(doc.get("device", {}).get("id"))
+    if owner != _agent_device(base):
+        raise ValueError(
+            f"LUT {url} of device {owner} lacks keys of space {spec.space.name!r}; only that device's agent can "
+            "measure them: pass its URL, or a table of this agent's device"
+        )
     # the stored table lacks keys of this space: ask the agent for them with the same settings
     print(f"cost: LUT {url} lacks keys of space {spec.space.name!r}; requesting them from {base}", file=sys.stderr)
     request = replace(stored, threads=int(doc["threads"]), dtype=str(doc["dtype"]))
@@ -213,11 +249,11 @@ def _agent_document(url: str, spec: TableSpec) -> dict[str, Any]:
 def _query_request(url: str, query_text: str, spec: TableSpec) -> tuple[TableSpec, str]:
     """``spec`` with the URL's ``batch``/``threads``/``dtype``, and its ``backend`` (default onnxruntime-cpu)."""
     query = {k: v[-1] for k, v in parse_qs(query_text).items()}
-    unknown = set(query) - {"backend", "threads", "batch", "dtype"}
+    unknown = set(query) - {"backend", "threads", "batch", "dtype", "device"}
     if unknown:
         raise ValueError(
             f"agent URL {url}: unknown parameter(s) {', '.join(sorted(unknown))}; "
-            "expected backend, threads, batch, dtype"
+            "expected backend, threads, batch, dtype, device"
         )
     try:
         request = replace(
@@ -229,6 +265,66 @@ def _query_request(url: str, query_text: str, spec: TableSpec) -> tuple[TableSpe
     except ValueError as exc:
         raise ValueError(f"agent URL {url}: {exc}") from None
     return request, query.get("backend", DEFAULT_BACKEND)
+
+
+LIST_FILTERS = ("device", "backend", "space", "batch", "threads")
+
+
+def _list_filters(url: str, query_text: str) -> dict[str, str]:
+    """The ``GET /v1/luts`` filters of a list URL (unknown ones are an error, not ignored)."""
+    query = {k: v[-1] for k, v in parse_qs(query_text).items()}
+    unknown = set(query) - set(LIST_FILTERS)
+    if unknown:
+        raise ValueError(
+            f"LUT list URL {url}: unknown filter(s) {', '.join(sorted(unknown))}; expected {', '.join(LIST_FILTERS)}"
+        )
+    return query
+
+
+def _agent_device(base: str) -> str:
+    from lut_service.client import AgentClient
+
+    with AgentClient(base) as agent:
+        return str(agent.device()["id"])
+
+
+def _fits(lut: dict[str, Any], spec: TableSpec) -> bool:
+    """A listed table is of ``spec``'s space, joints and head (its input size and batch may differ)."""
+    head = (list(spec.head_widths), spec.head_style, spec.sic)
+    same_head = (lut["head_widths"], lut["head_style"], lut["sic"]) == head
+    return lut["complete"] and lut["space"] == spec.space.name and lut["joints"] == spec.joints and same_head
+
+
+def _describe(lut: dict[str, Any]) -> str:
+    h, w = lut["input"]
+    state = "complete" if lut["complete"] else f"{lut['entries']}/{lut['total']} entries"
+    return (
+        f"{lut['id']} (device {lut['device_id']}, {lut['backend']}, {lut['space']} {h}x{w}, batch {lut['batch']}, "
+        f"threads {lut['threads']}, {lut['joints']} joints, {state})"
+    )
+
+
+def _listed_document(base: str, url: str, filters: dict[str, Any], spec: TableSpec) -> dict[str, Any]:
+    """The one complete stored table the filters select for ``spec`` (any device of the agent's store)."""
+    from lut_service.client import AgentClient
+
+    with AgentClient(base) as agent:
+        listed = agent.list_luts(**filters)
+        usable = [lut for lut in listed if _fits(lut, spec)]
+        exact = [lut for lut in usable if lut["input"] == list(spec.input_hw) and lut["batch"] == spec.batch]
+        chosen = exact or usable
+        if len(chosen) != 1:
+            what = f"space {spec.space.name!r}, {spec.joints} joints, head {list(spec.head_widths)}"
+            shown = listed or agent.list_luts()  # nothing passed the filters: show what there is
+            found = "\n  ".join(_describe(lut) for lut in shown[:20]) or "none"
+            problem = "no complete table" if not chosen else f"{len(chosen)} complete tables"
+            raise ValueError(
+                f"{url}: {problem} of {what} match the filters {filters}; add or change device=, backend=, "
+                f"batch=, threads= (GET {base}/v1/luts, or `effpose lut list --agent {base}`). The store has:\n  "
+                + found
+            )
+        print(f"cost: {url} -> {_describe(chosen[0])}", file=sys.stderr)
+        return agent.get_lut(chosen[0]["id"])
 
 
 def _request_document(base: str, spec: TableSpec, backend: str) -> dict[str, Any]:

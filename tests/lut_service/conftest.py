@@ -27,9 +27,12 @@ FAST_BUDGET = {
 }
 
 
-def make_agent(root: Path, env: dict[str, str] | None = None, name: str = "agent") -> LocalAgent:
-    """An agent (not started) on ``root/NAME.db`` with the fast budget plus ``env``."""
-    return LocalAgent(root / f"{name}.db", root / f"{name}.log", env={**FAST_BUDGET, **(env or {})}, log_level="info")
+def make_agent(
+    root: Path, env: dict[str, str] | None = None, name: str = "agent", store: str | None = None
+) -> LocalAgent:
+    """An agent (not started) on ``root/NAME.db`` (or the store URL ``store``) with the fast budget plus ``env``."""
+    db = store or root / f"{name}.db"
+    return LocalAgent(db, root / f"{name}.log", env={**FAST_BUDGET, **(env or {})}, log_level="info")
 
 
 @pytest.fixture(scope="session")

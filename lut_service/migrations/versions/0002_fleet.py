@@ -3,7 +3,8 @@
 - ``jobs.device_id`` (the device whose agent runs the job), filled in for existing jobs from their
   table's device, and for networks jobs (no table) from the newest device of the store: before this
   revision a store belonged to one agent.
-- ``jobs.attempts`` (starts without progress), ``claimed_by``, ``heartbeat_at``, ``step``.
+- ``jobs.attempts`` (starts without progress), ``stored_at_claim`` (entries stored when it was last
+  started: a later start that finds more made progress), ``claimed_by``, ``heartbeat_at``.
 - indexes for each worker's query (device, state) and the fleet's table list (device, backend).
 
 Revision ID: 0002
@@ -32,7 +33,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("claimed_by", sa.String(120), nullable=True))
         batch.add_column(sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True))
-        batch.add_column(sa.Column("step", sa.String(400), nullable=True))
+        batch.add_column(sa.Column("stored_at_claim", sa.Integer(), nullable=False, server_default="0"))
         batch.create_foreign_key("fk_jobs_device_id", "devices", ["device_id"], ["id"])
     op.create_index(
         "uq_active_job_per_lut", "jobs", ["lut_id"], unique=True, sqlite_where=ACTIVE, postgresql_where=ACTIVE
@@ -55,7 +56,7 @@ def downgrade() -> None:
     op.drop_index("uq_active_job_per_lut", table_name="jobs")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_constraint("fk_jobs_device_id", type_="foreignkey")
-        for name in ("step", "heartbeat_at", "claimed_by", "attempts", "device_id"):
+        for name in ("stored_at_claim", "heartbeat_at", "claimed_by", "attempts", "device_id"):
             batch.drop_column(name)
     op.create_index(
         "uq_active_job_per_lut", "jobs", ["lut_id"], unique=True, sqlite_where=ACTIVE, postgresql_where=ACTIVE
