@@ -12,9 +12,11 @@ import json
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from sqlalchemy import text
 
 from effpose.cli import main
@@ -24,6 +26,7 @@ from lut_service.local import LocalAgent
 from pose.space import TableSpec, table_keys
 from search.cost import load_cost
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {"name": "tiny", "stem_channels": 8, "stages": [[16, 2, 1]]}  # 9 keys at 64x64
 CRASH_SPACE = {"name": "crash", "stem_channels": 8, "stages": [[16, 2, 2], [24, 2, 2]]}  # 27 keys
 
@@ -269,3 +272,26 @@ def test_a_job_that_kills_its_agent_fails_after_three_attempts(store_url, store,
 
 def agent_job(agent: LocalAgent, job_id: str) -> dict:
     return httpx.get(f"{agent.url}/v1/jobs/{job_id}", timeout=10).json()
+
+
+def test_docker_compose_fleet_profile():
+    """The fleet services: a db with a named volume and a pg_isready healthcheck, and agents that reach it by
+    URL and wait for it, all under a profile, so the single SQLite agent stays the default service."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert "profiles" not in services["lut-cpu"] and services["lut-cpu"]["environment"]["EFFPOSE_DB_URL"].startswith(
+        "sqlite:"
+    )
+    db = services["db"]
+    assert "fleet" in db["profiles"] and db["image"].startswith("postgres")
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"]) and "fleet-db" in compose["volumes"]
+    assert db["volumes"] == ["fleet-db:/var/lib/postgresql/data"]
+    for name, profile in (("fleet-cpu", "fleet"), ("fleet-gpu", "fleet-gpu")):
+        agent = services[name]
+        assert agent["profiles"] == [profile] and agent["depends_on"]["db"]["condition"] == "service_healthy"
+        url = agent["environment"]["EFFPOSE_DB_URL"]
+        assert (
+            url.startswith("postgresql+psycopg://effpose:${EFFPOSE_DB_PASSWORD")
+            and "@${EFFPOSE_DB_HOST:-db}:5432/" in url
+        )
+    assert "EFFPOSE_DB_PASSWORD=" in (ROOT / ".env.example").read_text()
