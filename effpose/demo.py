@@ -157,7 +157,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage and return the summary (also written to OUT/summary.json)."""
     from lut_service.client import AgentClient
     from lut_service.local import LocalAgent
-    from lut_service.lut import LutTable, save_document
+    from lut_service.lut import LutTable, drift_now, save_document
+    from lut_service.stability import describe, unstable_warning
     from pose.export import export_onnx, parity
     from pose.models import PRESETS, build_model
     from pose.space import ArchSpec, TableSpec
@@ -200,17 +201,29 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         stages.done("export")
 
         stages.start("measuring real latency: both networks on the agent, and the exported files here")
-        on_agent = client.measure_networks(spec, [arch.ops, PRESETS[REFERENCE].ops], BACKEND)
+        # with the table's reference network in the same job: how far the machine moved since the build
+        drift = drift_now(client, doc, [arch.ops, PRESETS[REFERENCE].ops])
+        on_agent = {"clock": drift["clock"], "latencies": drift.pop("latencies")}
         local = time_onnx_files({"derived": derived_onnx, REFERENCE: reference_onnx}, cfg.latency_rounds)
         stages.done("latency")
 
     predicted = {"derived": table.predict(arch), REFERENCE: reference_ms}
     rows = _latency_rows({"derived": model, REFERENCE: reference}, predicted, on_agent, local)
+    for name, row in rows.items():  # the same prediction, corrected by the reference's drift since the build
+        row["lut_corrected_ms"] = round(predicted[name] * drift["factor"], 3)
+        row["corrected_error"] = round(row["lut_corrected_ms"] / row["agent_measured_ms"] - 1.0, 4)
     summary = {
         "out": str(cfg.out),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "agent_device": device,
-        "lut": {"file": str(lut_path), "entries": len(doc["entries"]), "id": doc["id"]},
+        "lut": {
+            "file": str(lut_path),
+            "entries": len(doc["entries"]),
+            "id": doc["id"],
+            "trust": describe(doc),
+            "unstable": unstable_warning(doc.get("stability")),
+        },
+        "drift": drift,
         "budget": {
             "target_ms": round(budget_ms, 3),
             "share_of_reference": cfg.budget_share,
@@ -260,9 +273,13 @@ def _plot(rows: dict[str, dict[str, Any]], budget_ms: float, path: Path) -> None
 
 
 def print_summary(summary: dict[str, Any]) -> None:
+    from lut_service.lut import drift_words
+
     acc, budget = summary["accuracy"], summary["budget"]
     print(f"\neffpose demo finished in {summary['total_seconds']:.0f} s -> {summary['out']}")
     print(f"LUT: {summary['lut']['entries']} entries ({BACKEND}) in {summary['lut']['file']}")
+    for line in summary["lut"].get("trust", []):
+        print(f"  {line}")
     print(f"derived architecture: {' '.join(summary['arch']['ops'])}")
     print(
         f"budget {budget['target_ms']:.2f} ms ({budget['share_of_reference']:.0%} of {budget['reference']}): "
@@ -281,18 +298,26 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"accuracy on synthetic val: {name} {acc['value']:.1f} (flip test) after {acc['epochs']} epochs")
     print(f"ONNX: {summary['onnx']['file']} (parity max |diff| {summary['onnx']['parity_max_abs_diff']:.1e})")
     print()
-    header = f"{'model':<18}{'params':>10}{'GFLOPs':>8}{'LUT ms':>9}{'agent ms':>10}{'err':>8}{'ONNX ms':>9}"
+    header = f"{'model':<18}{'params':>10}{'GFLOPs':>8}{'LUT ms':>9}{'agent ms':>10}{'err':>8}"
+    header += f"{'LUT x d':>9}{'err d':>8}{'ONNX ms':>9}"
     print(header)
     print("-" * len(header))
     for model, row in summary["models"].items():
         print(
             f"{model:<18}{row['params'] / 1e6:>9.2f}M{row['gflops_paper']:>8.2f}{row['lut_predicted_ms']:>9.2f}"
-            f"{row['agent_measured_ms']:>10.2f}{row['prediction_error']:>+8.1%}{row['onnx_wall_ms']:>9.2f}"
+            f"{row['agent_measured_ms']:>10.2f}{row['prediction_error']:>+8.1%}"
+            f"{row.get('lut_corrected_ms', float('nan')):>9.2f}{row.get('corrected_error', float('nan')):>+8.1%}"
+            f"{row['onnx_wall_ms']:>9.2f}"
         )
     print(
-        f"\n(agent ms: whole network timed on the agent with the LUT's method, clock "
-        f"{summary['models']['derived']['agent_clock']}; ONNX ms: wall time of the exported file here)"
+        f"\n(LUT ms: the table's raw sum; agent ms: whole network timed on the agent now with the LUT's method, "
+        f"clock {summary['models']['derived']['agent_clock']}; err: raw sum vs agent; ONNX ms: wall time of the "
+        "exported file here)"
     )
+    if summary.get("drift"):
+        print(f"(LUT x d, err d: the raw sum corrected for drift since the build, {drift_words(summary['drift'])})")
+    if summary["lut"].get("unstable"):
+        print(f"WARNING: {summary['lut']['unstable']}")
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
     print("plots: " + ", ".join(summary["plots"]))
 

@@ -216,6 +216,7 @@ def drift_reference(doc: dict[str, Any]) -> dict[str, Any]:
         "source": source,
         "backend": doc["backend"],
         "lut_id": doc.get("id"),
+        "device_id": (doc.get("device") or {}).get("id"),
         "table": spec.as_fields(space_by_name=True),
     }
 
@@ -246,6 +247,18 @@ def drift_now(
         "clock": result["clock"],
         "latencies": result["latencies"][:-1],
     }
+
+
+def measure_with_drift(
+    client: Any, spec: TableSpec, archs: list[list[str]], backend: str, reference: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Latencies of ``archs`` on the agent (``measure_networks``' result) and, when ``reference`` (a
+    ``drift_reference``) was built on this agent's device, the drift since that build (``drift_now``),
+    timed in the same job; None for the drift otherwise (another device's table says nothing of this one)."""
+    if reference is not None and reference.get("device_id") == client.device().get("id"):
+        drift = drift_now(client, reference, archs)
+        return {"clock": drift["clock"], "latencies": drift.pop("latencies")}, drift
+    return client.measure_networks(spec, archs, backend, progress=False), None
 
 
 def drift_words(drift: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -352,3 +352,51 @@ def advice_text(item: dict[str, Any]) -> str:
     fastest = item["fastest_threads"]
     others = ", ".join(f"{t}: {v:.2f} ms" for t, v in ms.items() if t != fastest)
     return f"{where}: {fastest} thread(s) ran {item['network']} fastest on this device ({ms[fastest]:.2f} ms; {others})"
+
+
+# --------------------------------------------------------------------------- words for people
+
+
+def stability_line(stability: dict[str, Any] | None) -> str:
+    """One line on how still the machine held during the build (``effpose lut show``, the search)."""
+    if not isinstance(stability, dict):
+        return "stability: not recorded (a table built before builds checked it)"
+    status = stability.get("status", "?")
+    if status in ("not measured", "unchecked"):
+        return f"stability: {status} ({stability.get('reason', 'no reference networks')})"
+    steal, load = stability.get("steal_share"), stability.get("load_average") or {}
+    figures = [f"steal {steal:.1%} of CPU time" if isinstance(steal, int | float) else "steal not available"]
+    if isinstance(load.get("mean"), int | float):
+        figures.append(f"load average {load['mean']:.1f} (max {load.get('max', load['mean']):.1f})")
+    return (
+        f"stability: {status}: reference networks moved at most {stability.get('drift', 0):.1%} across a part of "
+        f"the build (threshold {stability.get('threshold', 0):.0%}, {stability.get('retries', 0)} re-measurement(s)), "
+        f"{stability.get('start_to_end', 0):+.1%} from start to end; {', '.join(figures)} over "
+        f"{stability.get('seconds', 0):.0f} s"
+    )
+
+
+def fidelity_line(fidelity: dict[str, Any] | None) -> str:
+    """One line on the held-out networks the build timed (``effpose lut show``, the search)."""
+    if not isinstance(fidelity, dict) or "within_5pct" not in fidelity:
+        return "fidelity: none shipped (built with fidelity_networks=0, or before builds timed held-out networks)"
+    line = (
+        f"fidelity ({fidelity.get('networks', '?')} held-out random networks timed by the build): within +-5% "
+        f"{fidelity['within_5pct']:.0%}, +-10% {fidelity['within_10pct']:.0%}, MAPE {fidelity['mape']:.1%}, "
+        f"bias {fidelity['bias']:+.1%}, Kendall tau {fidelity['kendall_tau']:.2f}"
+    )
+    if isinstance(fidelity.get("drift"), int | float):
+        line += f"; reference drift at the end {fidelity['drift']:+.1%}"
+    return line
+
+
+def describe(doc: dict[str, Any]) -> list[str]:
+    """What a user should know before trusting a table: stability, fidelity, methods, thread advice."""
+    lines = [stability_line(doc.get("stability")), fidelity_line(doc.get("fidelity"))]
+    methods = Counter(str(e.get("method") or "unknown") for e in doc.get("entries", []))
+    lines.append("entries measured: " + ", ".join(f"{n} {m}" for m, n in sorted(methods.items())))
+    lines += [f"threads: {item['advice']}" for item in doc.get("thread_advice") or []]
+    warning = unstable_warning(doc.get("stability"))
+    if warning:
+        lines.append(f"WARNING: {warning}")
+    return lines

@@ -357,7 +357,9 @@ class OrtRunner(Runner):
             export_onnx(module, path, (h, w), batch, channels=channels)
             self.session = ort_session(path, threads, device)
             if profile:
-                self.profiled = ort_session(path, threads, device, profile_prefix=str(workdir / f"profile-{path.stem}"))
+                # kept to start a fresh profiling session after each trace (``node_times``)
+                self.profile_source = (path.read_bytes(), threads, device, workdir)
+                self.profiled = self._profiling_session()
         finally:
             path.unlink(missing_ok=True)
         x = random_input(input_shape)
@@ -372,6 +374,18 @@ class OrtRunner(Runner):
         self.y = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32, device, 0)
         self.binding = self._bind(self.session)
         self.pbinding = self._bind(self.profiled) if self.profiled is not None else None
+
+    def _profiling_session(self):  # noqa: ANN202 - onnxruntime type
+        """A new session of the exported model with ORT's per-node profiler on."""
+        model, threads, device, workdir = self.profile_source
+        fd, name = tempfile.mkstemp(suffix=".onnx", dir=workdir)
+        os.close(fd)
+        path = Path(name)
+        try:
+            path.write_bytes(model)
+            return ort_session(path, threads, device, profile_prefix=str(workdir / f"profile-{path.stem}"))
+        finally:
+            path.unlink(missing_ok=True)
 
     def _bind(self, session):  # noqa: ANN001, ANN202 - onnxruntime types
         binding = session.io_binding()
@@ -389,12 +403,17 @@ class OrtRunner(Runner):
     def node_times(self, rounds: int) -> list[dict[str, float]]:
         """Kernel milliseconds of each graph node (by node name) in each of ``rounds`` profiled calls.
 
-        Ends the profiling session's trace (and deletes its file): call it once per runner."""
+        Ends the profiling session's trace (and deletes its file); the next call starts a new profiling
+        session, so a pass can be measured again (the stability guard's re-measurement)."""
         if self.profiled is None:
-            raise RuntimeError("node_times needs an OrtRunner built with profile=True")
+            if not hasattr(self, "profile_source"):
+                raise RuntimeError("node_times needs an OrtRunner built with profile=True")
+            self.profiled = self._profiling_session()
+            self.pbinding = self._bind(self.profiled)
         for _ in range(rounds):
             self.profiled.run_with_iobinding(self.pbinding)
         path = Path(self.profiled.end_profiling())
+        self.profiled = self.pbinding = None  # its trace has ended
         try:
             events = json.loads(path.read_text())
         finally:

@@ -357,7 +357,7 @@ def static(name: str) -> Response:
 
 @router.get("/ui", response_class=HTMLResponse)
 def device_page(request: Request, session: SessionDep) -> HTMLResponse:
-    info = device(request)
+    info = device(request, session)
     extra = {k: v for k, v in info.model_dump().items() if k not in {"id", "fingerprint", "backends", "unavailable"}}
     luts = crud.list_luts(session)
     per_device: dict[str, int] = {}

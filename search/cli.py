@@ -202,6 +202,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def print_budget(summary: dict) -> None:
     """Predicted cost against target per term, the layers the repair step changed, and convergence figures."""
+    from lut_service.lut import drift_words
+
     for name, value in summary["predicted_cost"].items():
         line = (
             f"predicted {name}: {value['value']:.4g} {value['unit']} (input {value['input'][0]}x{value['input'][1]}, "
@@ -226,3 +228,10 @@ def print_budget(summary: dict) -> None:
             f"batch {m['batch']}) vs predicted {summary['predicted_cost'][name]['value']:.3f} ms "
             f"({100 * (summary['predicted_cost'][name]['value'] / m['ms'] - 1):+.1f}%)"
         )
+        if m.get("drift"):  # the table's reference network re-timed in the same job (lut_service.lut.drift_now)
+            corrected = summary["predicted_cost"][name]["value"] * m["drift"]["factor"]
+            print(
+                f"  drift since the table was built: {drift_words(m['drift'])}; predicted raw "
+                f"{summary['predicted_cost'][name]['value']:.3f} ms, drift-corrected {corrected:.3f} ms "
+                f"({100 * (corrected / m['ms'] - 1):+.1f}%)"
+            )

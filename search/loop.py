@@ -532,6 +532,7 @@ def measure_on_agents(terms: list[CostTerm], arch: ArchSpec, joints: int) -> dic
     from urllib.parse import urlsplit, urlunsplit
 
     from lut_service.client import AgentClient, AgentError
+    from lut_service.lut import measure_with_drift
 
     measured = {}
     for term in terms:
@@ -545,15 +546,16 @@ def measure_on_agents(terms: list[CostTerm], arch: ArchSpec, joints: int) -> dic
             threads=int(meta.get("threads", 1)), dtype=str(meta.get("dtype", "float32")),
         )  # fmt: skip
         try:
-            with AgentClient(base) as agent:
-                result = agent.measure_networks(spec, [arch.ops], str(meta["backend"]), progress=False)
+            with AgentClient(base) as agent:  # with the table's reference: its drift since the build
+                reference = meta.get("drift_reference")
+                result, drift = measure_with_drift(agent, spec, [arch.ops], str(meta["backend"]), reference)
         except (AgentError, OSError) as exc:
             print(f"search: warning: cannot measure the derived network on {base}: {exc}", file=sys.stderr)
             continue
         latency = result["latencies"][0]
         measured[term.cost.name] = {
             "agent": base, "backend": meta["backend"], "threads": spec.threads, "batch": spec.batch,
-            "ms": float(latency["median_ms"]), "clock": result.get("clock"),
+            "ms": float(latency["median_ms"]), "clock": result.get("clock"), "drift": drift,
         }  # fmt: skip
     return measured
 
