@@ -7,12 +7,19 @@ same backend, interleaved round-robin in one job). The prediction is ``LutTable.
 head + per-call overhead + the chosen ops); ``lut_service.lut.fidelity`` scores it. The architectures
 come from a different seed than anything the LUT build uses, so every scored network is held out.
 
-    python benchmarks/lut_fidelity.py            # full: 8 cells, N=50 each (about 10 min on 2 cores)
+    python benchmarks/lut_fidelity.py            # full: 7 cells, N=40, noise ceiling of 20 (about 15 min, 2 cores)
     python benchmarks/lut_fidelity.py --quick    # smoke check: onnxruntime-cpu, 1 thread, batch 1, N=8
 
 The same job times one uniform network per op (the LUT build's own networks): their measured/predicted
 ratio is the machine's drift since the build, shown as ``drift`` and as drift-corrected shares
-(``±5% dc``); targets are judged on the uncorrected scores only.
+(``±5% dc``); the build's own reference network, re-timed in that job (``lut.drift_now``), gives the
+use-time correction factor (``dn``: the shares of the predictions times that factor). Targets are judged
+on the uncorrected scores only.
+
+Noise ceiling: ``--noise-samples`` of the same networks are timed again in a second job; Kendall tau of
+that measurement against the first (and its shares within +-5/10 %) is the best any table could score
+against the first measurement on this machine at this moment, and the all-cores targets accept a tau of
+at least 0.9 x that ceiling. Every cell also records its LUT's own stability verdict and shipped fidelity.
 
 Writes ``benchmarks/results/lut_fidelity.json`` (``quick/`` for --quick) and a scatter plot per cell.
 """
@@ -29,34 +36,61 @@ from common import RESULTS_DIR, format_table, machine_summary, write_results
 
 from lut_service.client import AgentClient
 from lut_service.local import LocalAgent
-from lut_service.lut import validate_on_agent
+from lut_service.lut import fidelity, network_budget, validate_on_agent
 from pose.space import TableSpec
 
-TARGETS = {  # (backend, threads, batch) -> {metric: minimum}, issue 6
+TARGETS = {  # (backend, threads, batch) -> {metric: minimum}, issues 6 and 12
     ("onnxruntime-cpu", 1, 1): {"within_5pct": 0.99, "kendall_tau": 0.95},
     ("onnxruntime-cpu", 1, 8): {"within_5pct": 0.95},
     ("torch-cpu", 1, 1): {"within_5pct": 0.95},
     ("onnxruntime-cpu", 2, 1): {"within_10pct": 0.90, "kendall_tau": 0.8},
     ("onnxruntime-cpu", 2, 8): {"within_10pct": 0.90, "kendall_tau": 0.8},
 }
-FULL_CELLS = [(b, t, n) for b in ("onnxruntime-cpu", "torch-cpu") for t in (1, 2) for n in (1, 8)]
+CEILING_SHARE = 0.9  # all-cores cells: tau >= 0.8 or >= 0.9 x the noise ceiling (issue 12)
+# torch-cpu 2 threads batch 8 is left out (no target, and the slowest cell): the full run stays ~15 min
+FULL_CELLS = [(b, t, n) for b in ("onnxruntime-cpu", "torch-cpu") for t in (1, 2) for n in (1, 8)][:-1]
 QUICK_CELLS = [("onnxruntime-cpu", 1, 1)]
 
 
 def target_status(cell: tuple[str, int, int], stats: dict) -> str:
+    """``met``/``MISSED`` against ``TARGETS`` (``-`` without one); a multi-threaded cell's tau may instead
+    reach ``CEILING_SHARE`` of the noise ceiling measured in the same run."""
     target = TARGETS.get(cell)
     if target is None:
         return "-"
-    return "met" if all(stats[k] >= v for k, v in target.items()) else "MISSED"
+    ceiling = (stats.get("noise_ceiling") or {}).get("kendall_tau")
+    for metric, minimum in target.items():
+        value = stats[metric]
+        if metric == "kendall_tau" and cell[1] > 1 and ceiling is not None:
+            minimum = min(minimum, CEILING_SHARE * ceiling)
+        if value < minimum:
+            return "MISSED"
+    return "met"
 
 
-def run_cell(client: AgentClient, space: str, backend: str, threads: int, batch: int, samples: int, seed: int) -> dict:
-    """One cell through ``lut_service.lut.validate_on_agent``, the code behind ``effpose lut validate``."""
+def noise_ceiling(client: AgentClient, spec: TableSpec, backend: str, archs: list[dict], count: int) -> dict | None:
+    """The first ``count`` networks timed again in a second job: how well one measurement predicts another."""
+    if count < 2:
+        return None
+    chosen = archs[:count]
+    again = client.measure_networks(spec, [a["ops"] for a in chosen], backend, budget=network_budget(spec.batch))
+    second = [lat["median_ms"] for lat in again["latencies"]]
+    first = [a["measured_ms"] for a in chosen]
+    return {"samples": len(chosen), **{k: round(v, 4) for k, v in fidelity(second, first).items()}}
+
+
+def run_cell(client: AgentClient, args: argparse.Namespace, cell: tuple[str, int, int], samples: int) -> dict:
+    """One cell through ``lut_service.lut.validate_on_agent``, the code behind ``effpose lut validate``, and
+    its noise ceiling."""
+    backend, threads, batch = cell
     t0 = time.perf_counter()
-    spec = TableSpec(space, (256, 256), batch, threads=threads)
-    report = validate_on_agent(client, spec, backend, samples, seed, progress=True)
-    cell = (backend, threads, batch)
+    spec = TableSpec(args.space, (256, 256), batch, threads=threads)
+    report = validate_on_agent(client, spec, backend, samples, args.seed, progress=True)
     archs = report.pop("archs")
+    report["noise_ceiling"] = noise_ceiling(client, spec, backend, archs, min(args.noise_samples, len(archs)))
+    stability = report.pop("stability") or {}
+    report["build_stability"] = {k: v for k, v in stability.items() if k not in ("parts", "checkpoints", "references")}
+    report["build_stability"]["parts"] = stability.get("parts")
     return {
         **report,
         "target": TARGETS.get(cell, {}),
@@ -109,24 +143,44 @@ def markdown(path: Path) -> str:
     lines = [
         f"`{meta['command']}` at {meta['timestamp_utc']} ({meta.get('seconds', '?')} s, load average {load}):",
         "",
-        "| backend | threads | batch | N | ±5 % | ±10 % | MAPE | bias | Kendall tau | Spearman | target | drift |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | threads | batch | N | ±5 % | ±10 % | MAPE | bias | Kendall tau | noise ceiling tau | target "
+        "| drift now (x) | ±5 % / ±10 % corrected | build stability | build fidelity ±10 %, tau |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["runs"]:
-        target = ", ".join(f"{k} >= {v:g}" for k, v in r["target"].items())
-        verdict = f"{target}: **{r['target_status']}**" if target else "-"
-        lines.append(
-            f"| {r['backend']} | {r['threads']} | {r['batch']} | {r['samples']} | {r['within_5pct']:.0%} | "
-            f"{r['within_10pct']:.0%} | {r['mape']:.1%} | {r['bias']:+.1%} | {r['kendall_tau']:.3f} | "
-            f"{r['spearman']:.3f} | {verdict} | {r['drift']:+.1%} |"
-        )
+        lines.append(markdown_row(r))
     return "\n".join(lines)
+
+
+def markdown_row(r: dict) -> str:
+    """One cell of the README table: raw scores, the noise ceiling, the verdict, drift-corrected beside."""
+    target = ", ".join(f"{k} >= {v:g}" for k, v in r["target"].items())
+    verdict = f"{target}: **{r['target_status']}**" if target else "-"
+    ceiling = r.get("noise_ceiling") or {}
+    now, fixed = r.get("drift_now") or {}, r.get("drift_now_corrected") or {}
+    stability = r.get("build_stability") or {}
+    built = r.get("build_fidelity") or {}
+    return (
+        f"| {r['backend']} | {r['threads']} | {r['batch']} | {r['samples']} | {r['within_5pct']:.0%} | "
+        f"{r['within_10pct']:.0%} | {r['mape']:.1%} | {r['bias']:+.1%} | {r['kendall_tau']:.3f} | "
+        + (f"{ceiling['kendall_tau']:.3f} (N={ceiling['samples']}) | " if ceiling else "- | ")
+        + f"{verdict} | "
+        + (f"{now['factor']:.3f} | {fixed['within_5pct']:.0%} / {fixed['within_10pct']:.0%} | " if now else "- | - | ")
+        + (f"{stability.get('status', '-')}, drift {stability.get('drift', 0):.1%} | " if stability else "- | ")
+        + (f"{built['within_10pct']:.0%}, {built['kendall_tau']:.2f} (N={built.get('networks')}) |" if built else "- |")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one cell, 8 networks (< 1 min)")
-    parser.add_argument("--samples", type=int, default=None, help="networks per cell (default 50; quick 8)")
+    parser.add_argument("--samples", type=int, default=None, help="networks per cell (default 40; quick 8)")
+    parser.add_argument(
+        "--noise-samples",
+        type=int,
+        default=None,
+        help="networks timed twice for the noise ceiling (default 20; quick 8)",
+    )
     parser.add_argument("--space", default="small")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
@@ -139,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         directory = Path(args.results_dir) if args.results_dir else RESULTS_DIR
         print(markdown((directory / "quick" if args.quick else directory) / "lut_fidelity.json"))
         return 0
-    samples = args.samples or (8 if args.quick else 50)
+    samples = args.samples or (8 if args.quick else 40)
+    if args.noise_samples is None:
+        args.noise_samples = 8 if args.quick else 20
     cells = QUICK_CELLS if args.quick else FULL_CELLS
     if args.cells:
         try:
@@ -151,18 +207,20 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="effpose-fidelity-") as tmp, LocalAgent(Path(tmp) / "agent.db") as agent:
         with AgentClient(agent.url) as client:
-            for backend, threads, batch in cells:
-                print(f"{backend}, {threads} thread(s), batch {batch}: {samples} networks", file=sys.stderr)
-                run = run_cell(client, args.space, backend, threads, batch, samples, args.seed)
+            for cell in cells:
+                print(f"{cell[0]}, {cell[1]} thread(s), batch {cell[2]}: {samples} networks", file=sys.stderr)
+                run = run_cell(client, args, cell, samples)
+                ceiling = (run["noise_ceiling"] or {}).get("kendall_tau", float("nan"))
                 print(
                     f"  within 5%: {run['within_5pct']:.0%}  10%: {run['within_10pct']:.0%}  "
-                    f"tau {run['kendall_tau']:.3f}  bias {run['bias']:+.2%}  drift {run['drift']:+.2%}  "
+                    f"tau {run['kendall_tau']:.3f} (noise ceiling {ceiling:.3f})  bias {run['bias']:+.2%}  "
+                    f"drift {run['drift']:+.2%}  build {run['build_stability'].get('status')}  "
                     f"({run['cell_seconds']:.0f} s)",
                     file=sys.stderr,
                 )
                 runs.append(run)
-    headers = ["backend", "threads", "batch", "N", "±5%", "±10%", "MAPE", "bias", "tau", "rho", "target"]
-    headers += ["drift", "±5% dc"]
+    headers = ["backend", "threads", "batch", "N", "±5%", "±10%", "MAPE", "bias", "tau", "ceil", "target"]
+    headers += ["drift", "±5% dc", "dn x", "±5% dn", "±10% dn", "build"]
     rows = [
         [
             r["backend"],
@@ -174,10 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['mape']:.1%}",
             f"{r['bias']:+.1%}",
             round(r["kendall_tau"], 3),
-            round(r["spearman"], 3),
+            round((r["noise_ceiling"] or {}).get("kendall_tau", float("nan")), 3),
             r["target_status"],
             f"{r['drift']:+.1%}",
             f"{r['drift_corrected']['within_5pct']:.0%}",
+            f"{r['drift_now']['factor']:.3f}",
+            f"{r['drift_now_corrected']['within_5pct']:.0%}",
+            f"{r['drift_now_corrected']['within_10pct']:.0%}",
+            r["build_stability"].get("status", "-"),
         ]
         for r in runs
     ]
@@ -185,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "runs": runs,
         "meta": {
-            "method": "in-context LUT (lut_service.context) + separately profiled per-call overhead",
+            "method": "in-context LUT (lut_service.context) + separately profiled per-call overhead; "
+            "stability guard and shipped fidelity (lut_service.build); ORT pools parked between runs",
+            "noise_samples": args.noise_samples,
             "seconds": round(time.perf_counter() - start, 1),
         },
     }

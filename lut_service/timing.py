@@ -298,12 +298,13 @@ def ort_session(
     device: str = "cpu",
     spinning: bool = True,
     profile_prefix: str | None = None,
+    settle: bool = True,
 ):  # noqa: ANN201 - onnxruntime type
     """An ORT session of ``path`` with ``ort_session_options``; per-node profiling when ``profile_prefix``
     is given. ``device="cuda"`` needs the CUDA execution provider and raises RuntimeError without it."""
     import onnxruntime as ort
 
-    options = ort_session_options(threads, spinning)
+    options = ort_session_options(threads, spinning, settle)
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
