@@ -17,7 +17,7 @@ FAST_AGENT = {
 }
 
 
-def test_demo_runs_every_stage(tmp_path, monkeypatch):
+def test_demo_runs_every_stage(tmp_path, monkeypatch, capsys):
     for name, value in FAST_AGENT.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("EFFPOSE_CACHE_DIR", str(tmp_path / "cache"))
@@ -49,6 +49,18 @@ def test_demo_runs_every_stage(tmp_path, monkeypatch):
     assert budget["target_ms"] == pytest.approx(0.6 * reference, rel=1e-3)
     assert budget["measured_ms"] == summary["models"]["derived"]["agent_measured_ms"]
     assert "final_entropy" in summary["convergence"]
+    # the table's reference network re-timed with both networks: raw and drift-corrected, both labelled
+    drift = summary["drift"]
+    assert drift["reference"].startswith("uniform-") and drift["source"] == "build checkpoint"
+    assert drift["factor"] == pytest.approx(drift["now_ms"] / drift["built_ms"], rel=1e-3)
+    for row in summary["models"].values():
+        assert row["lut_corrected_ms"] == pytest.approx(row["lut_predicted_ms"] * drift["factor"], abs=2e-3)
+    assert any(line.startswith("stability: ") for line in summary["lut"]["trust"])
+    from effpose.demo import print_summary
+
+    print_summary(summary)
+    printed = capsys.readouterr().out
+    assert "LUT x d" in printed and f"reference {drift['reference']}: {drift['built_ms']:.2f} ms" in printed
 
 
 def test_demo_help_lists_options(capsys):

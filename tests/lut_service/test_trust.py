@@ -219,8 +219,9 @@ def test_thread_advice_names_the_fastest_thread_count(tmp_path, agent_factory):
     agent = agent_factory(tmp_path, no_checks).start()
     try:
         with AgentClient(agent.url, cache_dir=tmp_path / "c") as client:
-            client.request_lut(tiny_spec(1), "onnxruntime-cpu", progress=False, timeout_s=180)
-            doc = client.request_lut(tiny_spec(2), "onnxruntime-cpu", progress=False, timeout_s=180)
+            for threads in (1, 2):  # small networks at 32x32: two quick builds
+                spec = TableSpec(get_space(TINY), (32, 32), head_widths=(16,), threads=threads)
+                doc = client.request_lut(spec, "onnxruntime-cpu", progress=False, timeout_s=180)
             device = client.device()
     finally:
         agent.stop()
