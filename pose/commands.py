@@ -27,6 +27,9 @@ def register_workflow(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--keypoints", choices=("coco", "mpii"), default="coco", help="layout and joint set")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0: the same data every time)")
     synth.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    synth.add_argument(
+        "--level", choices=("standard", "easy"), default="standard", help="difficulty (easy: one person, no occluders)"
+    )
     synth.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     synth.set_defaults(func=cmd_data_synth)
 
@@ -77,13 +80,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     total = args.images + max(1, args.images // 4)
     with tqdm(total=total, desc="synth", file=sys.stderr, dynamic_ncols=True) as bar:
         generate = generate_coco if args.keypoints == "coco" else generate_mpii
-        generate(out, args.images, args.seed, args.size, progress=bar)
+        generate(out, args.images, args.seed, args.size, progress=bar, level=args.level)
     result = {
         "out": str(out),
         "keypoints": args.keypoints,
         "train_images": args.images,
         "val_images": total - args.images,
         "seed": args.seed,
+        "level": args.level,
     }
     print(json.dumps(result) if args.json else f"wrote {total} images ({args.keypoints} layout) to {out}")
     return 0
@@ -117,6 +121,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-split", help="validation split folder (default val2017 / valid)")
     parser.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     parser.add_argument("--flip-test", action="store_true", help="use the flip test in the per-epoch evaluation")
+    parser.add_argument(
+        "--zero-init-residual",
+        action="store_true",
+        help="start every residual block as the identity (zero last-BN scale; the accuracy proxy's init)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
@@ -145,6 +154,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         threads=args.threads,
         train_split=args.train_split,
         val_split=args.val_split,
+        zero_init_residual=args.zero_init_residual,
     )
 
 

@@ -174,6 +174,21 @@ def build_model(arch: str | Path | ArchSpec, joints: int = 16) -> nn.Module:
     return PoseNet(resolved, joints)
 
 
+def zero_init_residuals(model: nn.Module) -> int:
+    """Zero the last BN scale of every residual MBConv so each residual block starts as the identity.
+
+    Goyal et al. 2017 ("zero-gamma", torchvision's ``zero_init_residual``): a deep network then starts
+    as shallow as its non-residual path and trains about as fast as a shallow one, which a short
+    proxy training needs to rank capacity instead of depth-dependent training speed. Returns the count.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, MBConv) and module.use_residual:
+            nn.init.zeros_(module.block[-1][1].weight)  # conv_bn(hidden, c_out, relu=False): [conv, bn]
+            count += 1
+    return count
+
+
 def arch_description(arch: str | Path | ArchSpec) -> dict:
     """JSON-able description stored with checkpoints so a model can be rebuilt without its source."""
     resolved = resolve_arch(arch)

@@ -36,6 +36,7 @@ class Proxy:
     epochs: int
     batch_size: int
     lr: float  # Adam; x0.1 at the synthetic recipe's milestones (pose.train.recipe_for)
+    zero_init_residual: bool = True  # residual blocks start as the identity: depth does not slow early training
     threads: int = 1  # one torch thread: on a shared machine a thread team waits on descheduled partners
     flip_test: bool = False
 
@@ -53,6 +54,7 @@ class Proxy:
             flip_test=self.flip_test,
             threads=self.threads,
             device="cpu",
+            zero_init_residual=self.zero_init_residual,
         )
 
 
@@ -60,12 +62,12 @@ PROXY = Proxy(
     name="proxy-v1",
     data="synthetic-mpii-easy:1024",
     input_hw=(64, 64),
-    epochs=10,
+    epochs=8,
     batch_size=8,
-    lr=1e-3,
+    lr=3e-3,
 )
 # Smoke-test size: seconds, not a judgement.
-QUICK_PROXY = Proxy(name="quick", data="synthetic-mpii-easy:16", input_hw=(64, 64), epochs=2, batch_size=8, lr=1e-3)
+QUICK_PROXY = Proxy(name="quick", data="synthetic-mpii-easy:16", input_hw=(64, 64), epochs=2, batch_size=8, lr=3e-3)
 
 
 def minimal_arch(space: str = "small") -> ArchSpec:

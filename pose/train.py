@@ -35,7 +35,7 @@ from pose.checkpoint import load_checkpoint, save_atomic
 from pose.data import DataSpec, PoseDataset, build_datasets, default_input_hw, make_loader, parse_spec
 from pose.evaluate import evaluate_model
 from pose.loss import heatmap_loss
-from pose.models import arch_description, build_model, heatmap_shape, resolve_arch
+from pose.models import arch_description, build_model, heatmap_shape, resolve_arch, zero_init_residuals
 
 
 @dataclass
@@ -100,6 +100,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads per process
     train_split: str | None = None
     val_split: str | None = None
+    zero_init_residual: bool = False  # residual blocks start as the identity (pose.models.zero_init_residuals)
 
     def validate(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -326,6 +327,8 @@ def _build_run(
     )
     _seed_all(cfg.seed)
     model = build_model(cfg.arch, train_set.num_joints)
+    if cfg.zero_init_residual:
+        zero_init_residuals(model)
     expected = (train_set.num_joints, input_hw[0] // 4, input_hw[1] // 4)
     if heatmap_shape(model, input_hw) != expected:
         raise ValueError(

@@ -7,10 +7,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from pose.data import build_datasets, parse_spec
 from pose.data.synthetic import GENERATOR_VERSION, LEVELS, draw_image, generate_mpii, get_level, synthetic_root
 from pose.evaluate import MPII_KEYS
+from pose.models import build_model, zero_init_residuals
+from pose.ops import MBConv
 from pose.proxy import PROXY, QUICK_PROXY, Proxy, minimal_arch, train_and_score
 from pose.space import SKIP, SMALL
 
@@ -97,8 +100,19 @@ def test_train_and_score_on_tiny_data(tmp_path, monkeypatch):
     assert again["Mean"] == result["Mean"]  # same proxy and seed: same score
 
 
+def test_zero_init_residuals_starts_residual_blocks_as_identity():
+    model = build_model("efficientpose-a")
+    residual = [m for m in model.modules() if isinstance(m, MBConv) and m.use_residual]
+    assert zero_init_residuals(model) == len(residual) > 0
+    x = torch.randn(2, residual[0].block[0][0].in_channels, 8, 8)
+    residual[0].eval()
+    assert torch.equal(residual[0](x), x)
+    assert zero_init_residuals(build_model(minimal_arch())) == 0  # no residual block: nothing changes
+
+
 def test_presets_and_config():
     assert PROXY.data.startswith("synthetic-mpii") and QUICK_PROXY.epochs < PROXY.epochs
     cfg = PROXY.config("efficientpose-a", seed=3)
     assert (cfg.seed, cfg.epochs, cfg.eval_every, cfg.threads) == (3, PROXY.epochs, PROXY.epochs, 1)
     assert tuple(cfg.input_hw) == PROXY.input_hw and cfg.batch_size == PROXY.batch_size and cfg.lr == PROXY.lr
+    assert cfg.zero_init_residual is PROXY.zero_init_residual is True
