@@ -8,7 +8,9 @@ order, augmentation), so ``--resume`` continues exactly as an uninterrupted run 
 
 ``train(TrainConfig(arch, data, ...), out)`` is the API; ``effpose train`` (``pose.commands``) maps its
 flags onto a ``TrainConfig``. Multi-process: ``torchrun --nproc_per_node N -m effpose train ARCH --data SPEC
---out DIR``: gloo on CPU, nccl on GPU, a distributed sampler, and only rank 0 evaluates and writes.
+--out DIR``: gloo on CPU, nccl on GPU, a distributed sampler, batch norm over the global batch
+(``pose.distributed``, so N processes train what one process with the same global batch trains), and
+only rank 0 evaluates and writes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tqdm import tqdm
 
 from pose.checkpoint import load_checkpoint, save_atomic
 from pose.data import DataSpec, PoseDataset, build_datasets, default_input_hw, make_loader, parse_spec
+from pose.distributed import sync_batchnorm
 from pose.evaluate import evaluate_model
 from pose.loss import heatmap_loss
 from pose.models import arch_description, build_model, heatmap_shape, resolve_arch, zero_init_residuals
@@ -335,6 +338,8 @@ def _build_run(
             f"{cfg.arch} maps {input_hw} to heatmaps {heatmap_shape(model, input_hw)}, expected {expected}"
         )
     model.to(dev)
+    # several processes: batch norm over the global batch, so they train what one process would
+    sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     sampler = DistributedSampler(
         train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=world > 1

@@ -182,6 +182,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         summary = run_random_search(cfg, args.out, args.random, args.short_epochs, args.resume, progress)
     else:
         summary = run_search(cfg, args.out, args.resume, progress)
+        if summary is None:  # another process of a torchrun search: rank 0 prints the summary
+            return 0
     if args.json:
         summary = {k: v for k, v in summary.items() if k != "probs"}
         print(json.dumps(summary))

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from pose.checkpoint import save_atomic
 from pose.models import PoseNet
 from pose.space import ArchSpec, SearchSpace, TableSpec
+from search import distributed
 from search.budget import budget_loss, check_targets, cost_range, repair
 from search.cost import CostTable, CostTerm, build_terms
 from search.data import heatmap_accuracy, heatmap_loss, open_train_set, pose_loader, set_epoch, unpack_batch
@@ -173,13 +174,16 @@ def phase_loader(dataset: Dataset, cfg: SearchConfig, shuffle: bool, seed: int) 
 
 
 def take_batches(loader: DataLoader, max_batches: int | None):
-    """(images, targets, weights) of at most ``max_batches`` batches; batches left empty by skipped images vanish."""
+    """(images, targets, weights) of at most ``max_batches`` batches; batches left empty by skipped images vanish
+    (under torchrun that would leave the other processes waiting: it is an error there)."""
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             return
         unpacked = unpack_batch(batch)
         if unpacked is not None:
             yield unpacked
+        elif distributed.world_size() > 1:
+            raise RuntimeError(f"rank {distributed.rank()}: every image of a batch slice was unreadable")
 
 
 def serialize_costs(terms: list[CostTerm]) -> list[dict[str, Any]]:
@@ -294,11 +298,15 @@ def build_run(cfg: SearchConfig, state: dict[str, Any] | None) -> SearchRun:
     space: SearchSpace = space_of(cfg.space)
     dataset, plain, joints = open_train_set(cfg.data, cfg.input_hw, seed=cfg.seed)
     weight_idx, arch_idx = split_indices(len(dataset), cfg.arch_fraction, cfg.seed)
-    terms = deserialize_costs(state["costs"]) if state is not None else _cost_terms(cfg, space, joints)
+    if state is not None:
+        terms = deserialize_costs(state["costs"])
+    else:  # read once (an agent may be asked), the same tables everywhere under torchrun
+        terms = distributed.from_rank0(lambda: _cost_terms(cfg, space, joints))
     seed_everything(cfg.seed)
     net = Supernet(
         space, joints, tuple(cfg.head_widths), cfg.head_style, cfg.sic, cfg.mode, cfg.drop_path, cfg.gumbel_temperature
     )
+    distributed.prepare(net)  # under torchrun: synchronised batch norm, rank 0's initial weights
     opt_w = torch.optim.SGD(
         net.weight_parameters(), lr=cfg.weight_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -348,16 +356,17 @@ def weight_phase(run: SearchRun, cfg: SearchConfig, epoch: int, label: str, prog
     """One pass of weight steps over the weight split (alpha fixed, one sampled path in sampled mode)."""
     seed_everything(phase_seed(cfg.seed, epoch, 0))
     set_epoch(run.dataset, epoch)
-    loader = phase_loader(run.weight_set, cfg, True, phase_seed(cfg.seed, epoch, 0))
+    loader = distributed.shard_loader(phase_loader(run.weight_set, cfg, True, phase_seed(cfg.seed, epoch, 0)))
     run.net.train()
     losses = []
     bar = _bar(loader, cfg, f"{label} weights", progress)
     for images, target, weight in bar:
         run.opt_w.zero_grad(set_to_none=True)
-        loss = heatmap_loss(run.net(images, "weights"), target, weight)
+        share = distributed.share(len(images))  # 1.0 in one process
+        loss = heatmap_loss(run.net(images, "weights"), target, weight) * share
         loss.backward()
+        losses.append(distributed.sum_gradients(run.net.weight_parameters(), loss))
         run.opt_w.step()
-        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.2e}")
     run.sched.step()
     return float(np.mean(losses)) if losses else None
@@ -385,7 +394,7 @@ def alpha_phase(run: SearchRun, cfg: SearchConfig, epoch: int, label: str, progr
     schedule = search_schedule(cfg, epoch)
     run.net.gumbel_temperature = schedule["gumbel_temperature"]
     seed_everything(phase_seed(cfg.seed, epoch, 1))
-    loader = phase_loader(run.arch_set, cfg, True, phase_seed(cfg.seed, epoch, 1))
+    loader = distributed.shard_loader(phase_loader(run.arch_set, cfg, True, phase_seed(cfg.seed, epoch, 1)))
     arch_losses, cost_losses = [], []
     for p in run.net.weight_parameters():
         p.requires_grad_(False)
@@ -393,11 +402,12 @@ def alpha_phase(run: SearchRun, cfg: SearchConfig, epoch: int, label: str, progr
         bar = _bar(loader, cfg, f"{label} alpha", progress)
         for images, target, weight in bar:
             run.opt_a.zero_grad(set_to_none=True)
-            mse = heatmap_loss(run.net(images, "arch"), target, weight)
+            share = distributed.share(len(images))  # 1.0 in one process
+            mse = heatmap_loss(run.net(images, "arch"), target, weight) * share
             reg = regulariser(run.terms, run.net.probs(), cfg.beta)
-            (mse + reg + schedule["entropy_weight"] * run.net.entropy()).backward()
+            (mse + share * (reg + schedule["entropy_weight"] * run.net.entropy())).backward()
+            arch_losses.append(distributed.sum_gradients(run.net.arch_parameters(), mse))
             run.opt_a.step()
-            arch_losses.append(mse.item())
             cost_losses.append(float(reg.detach()))
             bar.set_postfix(mse=f"{arch_losses[-1]:.2e}", cost=f"{cost_losses[-1]:.3f}")
     finally:
@@ -472,13 +482,16 @@ def run_search(
     a time-boxed run to be continued with ``resume=True``.
     """
     cfg.validate()
+    distributed.init()  # under torchrun: join its process group (only rank 0 writes below)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = build_run(cfg, _open_checkpoint(cfg, out, resume))
+    distributed.barrier()  # every rank has read the checkpoint before rank 0 writes the next one
     total = cfg.warmup_epochs + cfg.epochs
-    if run.start_epoch:
+    if run.start_epoch and distributed.is_writer():
         print(f"search: resuming {out} after epoch {run.start_epoch}/{total}", file=sys.stderr)
-    write_log(out / LOG, run.history)
+    if distributed.is_writer():
+        write_log(out / LOG, run.history)
     for epoch in range(run.start_epoch, total):
         t0 = time.perf_counter()
         searching = epoch >= cfg.warmup_epochs
@@ -492,12 +505,16 @@ def run_search(
         record.update(epoch_figures(run, cfg, epoch))
         record["seconds"] = round(time.perf_counter() - t0, 3)
         run.history.append(record)
-        save_search_checkpoint(run, cfg, epoch, out / CHECKPOINT)
-        write_log(out / LOG, run.history)
-        print(_epoch_line(label, record), file=sys.stderr)
+        if distributed.is_writer():
+            save_search_checkpoint(run, cfg, epoch, out / CHECKPOINT)
+            write_log(out / LOG, run.history)
+            print(_epoch_line(label, record), file=sys.stderr)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < total:
+            distributed.barrier()
             return None
-    return derive_and_write(out, run, cfg)
+    summary = derive_and_write(out, run, cfg) if distributed.is_writer() else None
+    distributed.barrier()
+    return summary
 
 
 def derive_and_write(out: Path, run: SearchRun, cfg: SearchConfig) -> dict[str, Any]:
