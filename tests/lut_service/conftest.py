@@ -21,6 +21,7 @@ FAST_BUDGET = {
     "EFFPOSE_PROFILE_MAX_SAMPLES": "20",
     "EFFPOSE_PROFILE_MAX_SECONDS": "0.01",
     "EFFPOSE_PROFILE_MIN_SAMPLE_MS": "0",
+    "EFFPOSE_PROFILE_FIDELITY_NETWORKS": "2",  # held-out networks per build (default 5): fewer, faster
     # No token and open reads unless a test asks for them (an outer EFFPOSE_TOKEN must not leak in).
     "EFFPOSE_TOKEN": "",
     "EFFPOSE_PROTECT_READS": "",

@@ -145,8 +145,10 @@ def test_guard_trips_on_a_forced_slowdown_and_everyone_says_so(tmp_path, agent_f
 
 # -- fields every document carries ----------------------------------------------------------------------
 def test_document_carries_stability_fidelity_methods_and_advice(agent, tmp_path):
-    """A plain build (the test suite's fast budget, default guard and five held-out networks): the
+    """A plain build (the test suite's fast budget and two held-out networks, the default guard): the
     figures are in the document and consistent with themselves."""
+    defaults = Budget()
+    assert (defaults.stability_threshold, defaults.stability_retries, defaults.fidelity_networks) == (0.03, 2, 5)
     with AgentClient(agent.url, cache_dir=tmp_path / "c") as client:
         accepted = client.submit({**tiny_spec().as_fields(space_by_name=True), "backend": "onnxruntime-cpu"}).json()
         job = client.wait(accepted["job_id"], progress=False, poll_s=0.1, timeout_s=180)
@@ -164,7 +166,7 @@ def test_document_carries_stability_fidelity_methods_and_advice(agent, tmp_path)
     assert stability["reference"] in stability["references"]
 
     section = doc["fidelity"]
-    assert section["networks"] == len(section["archs"]) == 5
+    assert section["networks"] == len(section["archs"]) == 2  # EFFPOSE_PROFILE_FIDELITY_NETWORKS in conftest
     pairs = [(a["predicted_ms"], a["measured_ms"]) for a in section["archs"]]
     recomputed = fidelity([p for p, _ in pairs], [m for _, m in pairs])
     for name in ("within_5pct", "within_10pct", "kendall_tau"):
