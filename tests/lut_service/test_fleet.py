@@ -234,6 +234,9 @@ def run_until_killed(agent: LocalAgent) -> None:
     agent.stop()
 
 
+# One store is enough here: the claims are the same SQL on both, and SQLite's crash resume is covered by
+# test_two_devices_share_one_store[sqlite] and test_reliability.py (four agent starts make this one slow).
+@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
 def test_a_job_that_kills_its_agent_fails_after_three_attempts(store_url, store, tmp_path, agent_factory):
     """A job whose measurement kills the agent process is started three times, then marked failed with the
     reason; the entries of its table already stored are kept and the agent goes on serving and profiling.
