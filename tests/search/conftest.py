@@ -56,3 +56,25 @@ def tiny_space() -> dict:
 def make_config():
     """Factory of tiny ``SearchConfig`` objects (keyword overrides)."""
     return _tiny_config
+
+
+def _kill_9_when_logged(proc, log: Path, lines: int = 1, what: str = "search") -> None:
+    """SIGKILL ``proc`` as soon as ``log`` holds ``lines`` lines (that many checkpoints written)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if log.is_file() and len(log.read_text().splitlines()) >= lines:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"{what} ended before it could be killed: {proc.stderr.read()}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def kill_9_when_logged():
+    """``kill_9_when_logged(proc, log, lines=1, what="search")``: the kill -9 step of the resume tests."""
+    return _kill_9_when_logged

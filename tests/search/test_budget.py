@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -216,7 +214,7 @@ def test_impossible_target_is_refused_with_the_cheapest_cost(tmp_path, tiny_spac
     assert result.returncode == 2 and "2 --cost but 1 --target" in result.stderr
 
 
-def test_search_with_targets_killed_and_resumed_equals_an_uninterrupted_one(tmp_path, tiny_space):
+def test_search_with_targets_killed_and_resumed_equals_an_uninterrupted_one(tmp_path, tiny_space, kill_9_when_logged):
     space_file = tmp_path / "tiny.json"
     space_file.write_text(json.dumps(tiny_space))
     space = space_of(tiny_space)
@@ -233,15 +231,7 @@ def test_search_with_targets_killed_and_resumed_equals_an_uninterrupted_one(tmp_
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
     proc = subprocess.Popen([*common, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # kill -9 once two epochs are checkpointed (the first search epoch done)
-        if (out / LOG).is_file() and len((out / LOG).read_text().splitlines()) >= 2:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"search ended before it could be killed: {proc.stderr.read()}")
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_9_when_logged(proc, out / LOG, lines=2)  # two epochs checkpointed: the first search epoch is done
     assert 2 <= load_search_checkpoint(out / CHECKPOINT)["epoch"] < 4
     resumed = subprocess.run([*common, "--out", str(out), "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

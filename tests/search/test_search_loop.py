@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -107,7 +106,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "effpose.cli", "search", *args]
 
 
-def test_kill_9_mid_search_then_resume_ends_with_the_same_alpha(tmp_path, tiny_space, reference):
+def test_kill_9_mid_search_then_resume_ends_with_the_same_alpha(tmp_path, tiny_space, reference, kill_9_when_logged):
     """SIGKILL right after the first epoch's checkpoint, resume in a new process: same alpha as the reference."""
     ref_out, ref_summary = reference
     space_file = tmp_path / "tiny.json"
@@ -121,15 +120,7 @@ def test_kill_9_mid_search_then_resume_ends_with_the_same_alpha(tmp_path, tiny_s
     ]  # fmt: skip
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(*common, "--out", str(out)), stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # kill -9 as soon as the first epoch is checkpointed
-        if (out / LOG).is_file() and (out / LOG).read_text().strip():
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"search ended before it could be killed: {proc.stderr.read()}")
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_9_when_logged(proc, out / LOG)  # as soon as the first epoch is checkpointed
     assert proc.returncode == -signal.SIGKILL
     epoch_at_kill = load_search_checkpoint(out / CHECKPOINT)["epoch"]
     assert 1 <= epoch_at_kill < 3
@@ -225,7 +216,7 @@ def test_bad_input_gives_a_clear_error(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_random_search_killed_and_resumed_equals_an_uninterrupted_one(tmp_path, tiny_space):
+def test_random_search_killed_and_resumed_equals_an_uninterrupted_one(tmp_path, tiny_space, kill_9_when_logged):
     space_file = tmp_path / "tiny.json"
     space_file.write_text(json.dumps(tiny_space))
     common = [
@@ -239,15 +230,7 @@ def test_random_search_killed_and_resumed_equals_an_uninterrupted_one(tmp_path, 
     proc = subprocess.Popen(_cli(*common, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     log = out / "random.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # kill -9 once the first architecture is checkpointed
-        if log.is_file() and log.read_text().strip():
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"random search ended before it could be killed: {proc.stderr.read()}")
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_9_when_logged(proc, log, what="random search")  # once the first architecture is checkpointed
     done = len(log.read_text().splitlines())
     assert 1 <= done < 3
     resumed = subprocess.run(_cli(*common, "--out", str(out), "--resume"), capture_output=True, text=True,
