@@ -7,7 +7,9 @@ Steps (one run, nothing tuned to the networks it reports):
    256x256: the paper's MPII input). EfficientPose-A's cost under each target (ORT LUT ms, torch LUT ms,
    paper GFLOPs) sets the budgets: ``share x A's cost``.
 2. Searches, each with one ``--target`` and the default recipe of ``effpose search`` on the proxy's data:
-   ORT at every ``--shares`` value (Pareto), torch-cpu and FLOPs at the middle share (specialisation).
+   ORT at every ``--shares`` value (Pareto), torch-cpu and FLOPs at the middle share (specialisation), and
+   the middle ORT search again with ``--task-term log-mse`` (ablation: does a scale-free accuracy term
+   let accuracy pick the layers?).
 3. Random legal networks whose ORT-LUT prediction is within +-5 % of the middle ORT budget, drawn with a
    random skip density per network (``random_ops_at_density``) and kept in draw order: the first
    ``--random`` that qualify.
@@ -139,6 +141,8 @@ def targets(args: argparse.Namespace, luts: dict[str, dict]) -> dict[str, dict]:
     out = {}
     for share in args.shares:
         out[f"ort@{share:g}"] = {"cost": "onnxruntime-cpu", "share": share}
+    # the ablation of the task term: the same middle ORT search with log(MSE) instead of MSE (search.loop)
+    out[f"ort@{args.middle:g}-log"] = {"cost": "onnxruntime-cpu", "share": args.middle, "task_term": "log-mse"}
     out[f"torch@{args.middle:g}"] = {"cost": "torch-cpu", "share": args.middle}
     out[f"flops@{args.middle:g}"] = {"cost": "flops", "share": args.middle}
     for item in out.values():
@@ -156,6 +160,8 @@ def search_command(item: dict, proxy: Proxy, out: Path, args: argparse.Namespace
            "--input", f"{proxy.input_hw[0]}x{proxy.input_hw[1]}", "--cost", item["source"],
            "--target", f"{item['target']:.6f}", "--seed", str(args.search_seed), "--threads", "1",
            "--no-progress", "--json", "--out", str(out)]  # fmt: skip
+    if "task_term" in item:
+        cmd += ["--task-term", item["task_term"]]
     if args.quick:
         cmd += ["--warmup-epochs", "0", "--epochs", "2", "--max-batches", "2"]
     return cmd
@@ -304,8 +310,13 @@ def measured_cost(net: dict, cost: str) -> float:
 def verdicts(networks: dict[str, dict], searches: dict[str, dict], args: argparse.Namespace) -> dict:
     """Searched vs random at the middle ORT budget, and the specialisation matrix with its plain answers."""
     mid = f"ort@{args.middle:g}"
-    group = [mid] + [n for n in networks if n.startswith("random-")]
-    ranked = sorted(group, key=lambda n: -networks[n]["pckh_mean"])
+    searched = [n for n in (mid, f"{mid}-log") if n in networks]
+    randoms = [n for n in networks if n.startswith("random-")]
+    ranking = sorted([*searched, *randoms], key=lambda n: -networks[n]["pckh_mean"])
+    ranks = {}
+    for name in searched:  # each searched network against the same random ones
+        group = [name, *randoms]
+        ranks[name] = sorted(group, key=lambda n: -networks[n]["pckh_mean"]).index(name) + 1
     own = {}
     names = [mid, f"torch@{args.middle:g}", f"flops@{args.middle:g}"]
     for name in names:
@@ -318,8 +329,9 @@ def verdicts(networks: dict[str, dict], searches: dict[str, dict], args: argpars
             "fit_this_budget": fits, "most_accurate_that_fits": best, "own_is_best": best == name,
         }  # fmt: skip
     return {
-        "searched_vs_random": {"group": group, "ranking": ranked, "searched_rank": ranked.index(mid) + 1,
-                               "searched": mid},  # fmt: skip
+        "searched_vs_random": {"random": randoms, "searched": mid, "searched_rank": ranks[mid],
+                               "ranks": ranks, "out_of": len(randoms) + 1,
+                               "ranking": ranking},  # fmt: skip
         "specialisation": own,
     }
 
@@ -333,7 +345,9 @@ def plot(networks: dict[str, dict], searches: dict[str, dict], path: Path, title
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, net in networks.items():
         x, y, err = net["measured_ms"]["onnxruntime-cpu"], net["pckh_mean"], net["pckh_std"]
-        if name.startswith("ort@"):
+        if name.startswith("ort@") and name.endswith("-log"):
+            style = {"marker": "^", "color": "tab:red", "label": "searched (ORT budget, log-MSE task term)"}
+        elif name.startswith("ort@"):
             style = {"marker": "o", "color": "tab:orange", "label": "searched (ORT budget)"}
         elif name in searches:
             style = {"marker": "D", "color": "tab:green" if name.startswith("torch") else "tab:blue",
@@ -345,7 +359,7 @@ def plot(networks: dict[str, dict], searches: dict[str, dict], path: Path, title
         ax.errorbar(x, y, yerr=err, capsize=3, linestyle="none", markersize=7, **style)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     for name, item in searches.items():
-        if name.startswith("ort@"):
+        if name.startswith("ort@") and not name.endswith("-log"):
             ax.axvline(item["target"], color="tab:orange", alpha=0.25, linestyle="--")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
@@ -372,7 +386,8 @@ def print_report(networks: dict[str, dict], searches: dict[str, dict], verdict: 
     headers = ["network", "budget", "GFLOPs", "ORT ms", "ORT LUT", "torch ms", "torch LUT", "PCKh@0.5"]
     print(format_table(headers, rows))
     svr = verdict["searched_vs_random"]
-    print(f"searched vs random at equal budget: {svr['searched']} ranks {svr['searched_rank']} of {len(svr['group'])}")
+    for name, rank in svr["ranks"].items():
+        print(f"searched vs random at equal budget: {name} ranks {rank} of {svr['out_of']}")
     for name, v in verdict["specialisation"].items():
         print(
             f"{name}: measured {v['measured']:.4g} vs budget {v['target']:.4g} "
@@ -452,9 +467,7 @@ def remeasure(args: argparse.Namespace) -> int:
 
 
 def info_load() -> list[float]:
-    import os
-
-    return [round(x, 2) for x in os.getloadavg()]
+    return [round(x, 2) for x in machine_info()["load_average_1_5_15"]]
 
 
 if __name__ == "__main__":

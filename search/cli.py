@@ -120,6 +120,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="weight of the mean alpha entropy in the alpha loss, ramped from 0 at the first search epoch to this "
         f"at the last: makes the search commit (default {d.entropy_weight}; 0 turns it off)",
     )
+    p.add_argument(
+        "--task-term",
+        choices=["mse", "log-mse"],
+        default=d.task_term,
+        help="accuracy term of the alpha loss: the heatmap MSE (default) or its log, a relative change that weighs "
+        "against the budget's relative cost whatever the loss's scale",
+    )
     p.add_argument("--drop-path", type=float, default=0.2, help="drop probability of a candidate in weight steps")
     p.add_argument("--max-batches", type=int, default=None, help="cap on batches per phase and epoch (smoke runs)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
@@ -167,6 +174,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         drop_path=args.drop_path,
         targets=args.targets,
         beta=args.beta,
+        task_term=args.task_term,
         workers=args.workers,
         max_batches=args.max_batches,
     )

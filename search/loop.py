@@ -44,6 +44,7 @@ from search.data import heatmap_accuracy, heatmap_loss, open_train_set, pose_loa
 from search.supernet import Supernet, sample_arch, space_of
 
 CHECKPOINT = "search.pt"
+TASK_TERMS = ("mse", "log-mse")
 RANDOM_CHECKPOINT = "random.pt"
 LOG = "log.jsonl"
 
@@ -78,6 +79,7 @@ class SearchConfig:
     targets: list[float] | None = None  # one budget per cost, in its unit (ms, GFLOPs, Mparams)
     beta: float = 1.0  # weight of the budget loss (search.budget)
     entropy_weight: float = 1.0  # commitment term, ramped linearly from 0 over the search epochs
+    task_term: str = "mse"  # "log-mse": alpha sees log(MSE), a relative loss change, like the budget's relative cost
     head_widths: tuple[int, ...] = (64, 32)
     head_style: str = "plain"
     sic: bool = True
@@ -95,6 +97,8 @@ class SearchConfig:
         """Raise ValueError naming the first bad setting (before any data is read or agent asked)."""
         if self.mode not in ("mixed", "sampled"):
             raise ValueError(f"--mode must be mixed or sampled, got {self.mode!r}")
+        if self.task_term not in TASK_TERMS:
+            raise ValueError(f"--task-term must be one of {', '.join(TASK_TERMS)}, got {self.task_term!r}")
         if self.warmup_epochs < 0 or self.epochs < 0:
             raise ValueError("--warmup-epochs and --epochs must be >= 0")
         if self.batch_size < 1:
@@ -390,7 +394,9 @@ def search_schedule(cfg: SearchConfig, epoch: int) -> dict[str, float]:
 
 
 def alpha_phase(run: SearchRun, cfg: SearchConfig, epoch: int, label: str, progress: bool) -> dict[str, Any]:
-    """One pass of alpha steps on ``MSE + cost regulariser + w_H * entropy`` over the architecture split."""
+    """One pass of alpha steps on ``task + cost regulariser + w_H * entropy`` over the architecture split, where the
+    task term is the heatmap MSE or, with ``task_term="log-mse"``, its log: a scale-free accuracy signal whose
+    gradient is ``dMSE / MSE``, so a 1 % loss change weighs what a 1 % budget overshoot weighs at ``beta`` 1."""
     schedule = search_schedule(cfg, epoch)
     run.net.gumbel_temperature = schedule["gumbel_temperature"]
     seed_everything(phase_seed(cfg.seed, epoch, 1))
@@ -403,9 +409,11 @@ def alpha_phase(run: SearchRun, cfg: SearchConfig, epoch: int, label: str, progr
         for images, target, weight in bar:
             run.opt_a.zero_grad(set_to_none=True)
             share = distributed.share(len(images))  # 1.0 in one process
-            mse = heatmap_loss(run.net(images, "arch"), target, weight) * share
+            mse = heatmap_loss(run.net(images, "arch"), target, weight)
+            task = torch.log(mse) if cfg.task_term == "log-mse" else mse
             reg = regulariser(run.terms, run.net.probs(), cfg.beta)
-            (mse + share * (reg + schedule["entropy_weight"] * run.net.entropy())).backward()
+            (task * share + share * (reg + schedule["entropy_weight"] * run.net.entropy())).backward()
+            mse = mse.detach() * share
             arch_losses.append(distributed.sum_gradients(run.net.arch_parameters(), mse))
             run.opt_a.step()
             cost_losses.append(float(reg.detach()))
@@ -523,19 +531,19 @@ def derive_and_write(out: Path, run: SearchRun, cfg: SearchConfig) -> dict[str, 
     arch = run.net.derive(name=f"search-{space.name}-{cfg.mode}")
     extra: dict[str, Any] = {}
     budgeted = [t for t in run.terms if t.target is not None]
+    with torch.no_grad():
+        probs = run.net.probs().double()
     if budgeted:
-        with torch.no_grad():
-            probs = run.net.probs().double()
         ops, changes = repair(
             arch.ops, probs, [t.cost.table for t in budgeted], [t.cost.fixed for t in budgeted],
             [float(t.target) for t in budgeted], space,
         )  # fmt: skip
         extra["repair"] = {"argmax_ops": arch.ops, "changes": [c.to_json() for c in changes]}
         arch = arch.model_copy(update={"ops": ops})
+    extra["probs"] = [[round(float(v), 5) for v in row] for row in probs]
     with torch.no_grad():
-        extra["probs"] = [[round(float(v), 5) for v in row] for row in run.net.probs()]
         extra["entropy"] = float(run.net.entropy())
-        extra["expected_cost"] = {t.cost.name: float(t.cost.expected(run.net.probs().double())) for t in run.terms}
+    extra["expected_cost"] = {t.cost.name: float(t.cost.expected(probs)) for t in run.terms}
     extra["convergence"] = convergence(run.history, run.net.uniform_entropy())
     extra["measured"] = measure_on_agents(run.terms, arch, run.joints)
     return write_results(out, arch, run.terms, run.history, cfg, run.joints, extra)
@@ -652,6 +660,7 @@ def write_results(
         "predicted_cost": predicted,
         "epochs": len(history),
         "mode": cfg.mode,
+        "config": cfg.to_json(),  # what produced it, for a user who finds search.json later
     }
     if history:
         summary["final"] = history[-1]

@@ -239,3 +239,28 @@ def test_search_with_targets_killed_and_resumed_equals_an_uninterrupted_one(tmp_
     assert a["ops"] == b["ops"] and a["repair"] == b["repair"] and a["predicted_cost"] == b["predicted_cost"]
     alpha_a = load_search_checkpoint(tmp_path / "ref" / CHECKPOINT)["supernet"]["alpha"]
     assert torch.equal(alpha_a, load_search_checkpoint(out / CHECKPOINT)["supernet"]["alpha"])
+
+
+def test_log_mse_task_term_changes_what_alpha_learns_and_still_logs_the_mse(tmp_path, make_config):
+    space = space_of(make_config().space)
+    flops = count_table("flops", TableSpec(space, (64, 64), joints=17))
+    low, high = cost_range(flops.table, flops.fixed, space)
+    probs, logged = {}, {}
+    for term in ("mse", "log-mse"):
+        cfg = make_config(targets=[_between(low, high, 0.5)], task_term=term, epochs=2, arch_lr=0.1)
+        summary = run_search(cfg, tmp_path / term, progress=False)
+        assert summary["config"]["task_term"] == term
+        probs[term] = torch.tensor(summary["probs"])
+        records = [json.loads(line) for line in (tmp_path / term / LOG).read_text().splitlines()]
+        logged[term] = [r["arch_mse"] for r in records if r["phase"] == "search"]
+    # the log's gradient is dMSE/MSE (~100x the MSE's here), so against the same budget term alpha moves elsewhere
+    assert not torch.allclose(probs["mse"], probs["log-mse"], atol=1e-4)
+    # the logged figure is the MSE itself under both terms (never its log, which is negative)
+    assert logged["log-mse"] and all(0 < v < 1 for v in logged["log-mse"])
+
+
+def test_unknown_task_term_is_refused():
+    from search.loop import SearchConfig
+
+    with pytest.raises(ValueError, match="--task-term must be one of mse, log-mse"):
+        SearchConfig(task_term="ce").validate()
