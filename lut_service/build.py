@@ -158,6 +158,7 @@ class LutBuild:
         self.fallbacks, self.fallback_reason = 0, None
         self.runners: list[Runner] = []
         self.context_runners: list[Runner] | None = None
+        self.context_totals: dict[str, float] | None = None  # the reference networks as the in-context pass timed them
         self.workdir = Path(tempfile.mkdtemp(prefix="effpose-lut-"))
         self.watch = SystemWatch()
         self.guard: StabilityGuard | None = None
@@ -255,7 +256,9 @@ class LutBuild:
         """Every missing entry from one guarded in-context pass; returns those it could not give."""
         try:
             timings = self.guard.guarded(
-                "in-context entries", self._attempts("in-context pass", lambda: self._context_pass(overhead_ms))
+                "in-context entries",
+                self._attempts("in-context pass", lambda: self._context_pass(overhead_ms)),
+                inside=lambda: self.context_totals,
             )
         except PassFailed as exc:
             self._fallback(len(missing), str(exc))
@@ -270,16 +273,19 @@ class LutBuild:
         """``context.measure_parts`` on the build's uniform networks, under 8x the entry timeout."""
         check = deadline_check(self.budget.timeout_s * 8, "in-context measurement")
         nets = context_nets(self.table.spec)
+        totals: list[float] = []
         try:
             timings = measure_parts(
                 self.table.backend, nets, self.context_runners, overhead_ms, self.budget,
-                lambda: self.stop() or check() is not None,
+                lambda: self.stop() or check() is not None, totals_ms=totals,
             )  # fmt: skip
         except Exception as exc:
             log.warning("in-context measurement failed, timing entries alone: %s", traceback.format_exc(limit=3))
             raise PassFailed(f"{type(exc).__name__}: {exc}") from exc
         if timings is None:
             raise Stopped
+        # the reference networks as this pass timed them, for the guard (same names as its references)
+        self.context_totals = {f"uniform-{net.op}": ms for net, ms in zip(nets, totals, strict=True)}
         return name_head(timings, self.table.spec)
 
     def _fallback(self, count: int, reason: str) -> None:

@@ -131,8 +131,11 @@ def measure_parts(
     overhead_ms: float,
     budget: Budget,
     should_stop: Callable[[], bool] | None = None,
+    totals_ms: list[float] | None = None,
 ) -> dict[str, Timing] | None:
     """Time the parts of ``nets`` on their prepared ``runners`` (``part_runners``); None when stopped.
+    ``totals_ms``, when given, receives each network's end-to-end median (the build's stability guard
+    compares its reference networks' with its checkpoints).
 
     End-to-end samples of all networks are interleaved (``timing.interleaved_samples``, the harness of
     ``POST /v1/networks``); then instrumented rounds run round-robin across the networks until every
@@ -143,6 +146,8 @@ def measure_parts(
     totals = interleaved_samples([r.run for r in runners], budget, should_stop)
     if totals is None:
         return None
+    if totals_ms is not None:
+        totals_ms[:] = [float(np.median(t)) for t in totals]
     keys = {key for net in nets for key in net.parts.values()} | {"head"}
     cap = budget.max_seconds * len(keys) / 2  # seconds for all instrumented calls together
     if backend == "torch-cpu":

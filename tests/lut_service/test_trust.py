@@ -265,6 +265,16 @@ def test_guard_measures_a_drifted_part_again_and_gives_up_after_its_retries():
     assert section["reference"]["built_ms"] == pytest.approx(machine["ms"])
     assert "moved by 50.0%" in unstable_warning(section)
 
+    # a machine with two speeds: the same at both checkpoints, another while the part measured
+    machine["ms"] = 1.0
+    guard = StabilityGuard([reference], budget, lambda: False)
+    guard.checkpoint("start")
+    inside = iter([{"scripted": 0.75}, {"scripted": 1.01}])
+    guard.guarded("part", lambda: None, inside=lambda: next(inside))
+    assert [(p["attempt"], p["ok"], p["drift"]) for p in guard.parts] == [(1, False, 0.0), (2, True, 0.0)]
+    assert guard.parts[0]["inside_drift"] == pytest.approx(-0.25) and guard.status() == "stable"
+    assert guard.section()["drift"] == pytest.approx(0.01)
+
     unchecked = StabilityGuard([], budget, lambda: False, unavailable="no GPU")
     assert unchecked.guarded("part", lambda: 7) == 7 and unchecked.section()["status"] == "unchecked"
 
