@@ -188,10 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results-dir", default=None, help=f"default {RESULTS_DIR}")
     parser.add_argument("--markdown", action="store_true", help="print the README table of the latest results only")
+    parser.add_argument(
+        "--name", default="lut_fidelity", help="results file stem (a rerun of some cells keeps the full run)"
+    )
     args = parser.parse_args(argv)
     if args.markdown:
         directory = Path(args.results_dir) if args.results_dir else RESULTS_DIR
-        print(markdown((directory / "quick" if args.quick else directory) / "lut_fidelity.json"))
+        print(markdown((directory / "quick" if args.quick else directory) / f"{args.name}.json"))
         return 0
     samples = args.samples or (8 if args.quick else 40)
     if args.noise_samples is None:
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - start, 1),
         },
     }
-    path = write_results("lut_fidelity", data, args.results_dir, quick=args.quick)
+    path = write_results(args.name, data, args.results_dir, quick=args.quick)
     png = path.with_suffix(".png")
     plot(runs, png)
     print(f"wrote {path} and {png}", file=sys.stderr)
