@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -63,6 +63,7 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+INT32_MAX = 2**31 - 1  # integer columns are 32-bit on PostgreSQL
 
 
 @dataclass(frozen=True)
@@ -311,8 +312,8 @@ def list_tables(
     device: str | None = None,
     backend: str | None = None,
     space: str | None = None,
-    batch: int | None = None,
-    threads: int | None = None,
+    batch: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,  # a stored column's range: no 500 on 10**30
+    threads: Annotated[int | None, Query(ge=1, le=1024)] = None,  # the request limit (schemas.TableRequest)
 ) -> LutList:
     """Every stored table of every device in this store, newest first, filtered by the given fields
     (``space`` is the space's name). Agents that share a store (a fleet) all list the same tables, with
