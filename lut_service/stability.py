@@ -18,6 +18,7 @@ threshold, at most ``retries`` times; a table whose machine would not hold still
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter, defaultdict
@@ -31,6 +32,8 @@ from lut_service.settings import Budget
 from lut_service.timing import interleaved_samples
 
 T = TypeVar("T")
+
+log = logging.getLogger("lut_service.stability")
 
 
 class Stopped(Exception):
@@ -183,10 +186,21 @@ class StabilityGuard:
         return self.checkpoints[-1]["ms"] if self.checkpoints else None
 
     def checkpoint(self, label: str) -> dict[str, float] | None:
-        """Time the references now (None without references); ``Stopped`` when stopping."""
+        """Time the references now (None without references); ``Stopped`` when stopping.
+
+        References that cannot run (a whole network at the job's shape may not fit in memory where every
+        single entry does) end the guard, not the build: it records why, and the rest runs unchecked."""
         if not self.references:
             return None
-        ms = time_references(self.references, self.budget, self.stop)
+        try:
+            ms = time_references(self.references, self.budget, self.stop)
+        except Stopped:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the references only ends the checks
+            log.warning("reference networks failed at checkpoint %r, the build goes on unchecked: %s", label, exc)
+            self.unavailable = f"the reference networks could not run ({label}): {type(exc).__name__}: {exc}"
+            self.references = []
+            return None
         self.checkpoints.append(
             {"label": label, "at_s": round(self.watch.seconds(), 2), "load_1m": self.watch.sample(), "ms": ms}
         )
@@ -207,14 +221,16 @@ class StabilityGuard:
         it did (the in-context pass times the reference networks among its own): those must agree with
         the checkpoints too. A machine that switches between two speeds every few seconds (two vCPUs on
         one physical core or on two) can show the same speed at both checkpoints and another in between."""
-        if not self.references:
-            return work()
         attempt = 0
         while True:
-            before = self.last if self.last is not None else self.checkpoint("start")
+            before = (self.last if self.last is not None else self.checkpoint("start")) if self.references else None
+            if before is None:  # no references, or they stopped running
+                return work()
             result = work()
             during = inside() if inside is not None else None
             after = self.checkpoint(f"after {label}" + (f" (attempt {attempt + 1})" if attempt else ""))
+            if after is None:
+                return result
             record = {"part": label, "attempt": attempt + 1, "drift": round(drift_between(before, after), 4)}
             if during:
                 record["inside_drift"] = round(_worst(drift_between(before, during), drift_between(after, during)), 4)

@@ -131,7 +131,7 @@ def sum_gradients(params: Iterable[nn.Parameter], value: Tensor) -> float:
     ``share``) and return the sum of ``value`` (the scaled loss: the global mean loss), in one all-reduce.
     Gradients are float32 here (the search's dtype)."""
     if world_size() == 1:
-        return float(value)
+        return float(value.detach())
     # a parameter off this step's path has no gradient, on every process alike (they sample the same path):
     # it stays None, so the optimizer skips it exactly as in one process
     params = [p for p in params if p.grad is not None]

@@ -410,7 +410,7 @@ def test_out_of_memory_is_recorded_per_entry_and_the_agent_goes_on(tmp_path, age
                 client.wait(accepted["job_id"], progress=False, poll_s=0.2, timeout_s=180)
             job = client.job(accepted["job_id"])
             assert job["state"] == "failed" and job["partial"] is True
-            assert job["done"] + len(job["errors"]) == 27 == job["total"] - 1  # no checks without the entries
+            assert job["done"] + len(job["errors"]) == 27 == job["total"] - 1, job  # no checks without the entries
             assert any("allocate" in e["error"] or "memory" in e["error"].lower() for e in job["errors"])
             assert len(db_rows(agent.db_path, accepted["lut_id"])) == job["done"]
             assert client.health()["worker_alive"] is True

@@ -275,6 +275,14 @@ def test_guard_measures_a_drifted_part_again_and_gives_up_after_its_retries():
     assert guard.parts[0]["inside_drift"] == pytest.approx(-0.25) and guard.status() == "stable"
     assert guard.section()["drift"] == pytest.approx(0.01)
 
+    # references that stop running (out of memory at the job's shape) end the checks, not the build
+    def runs_out_of_memory(calls: int) -> float:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    guard = StabilityGuard([Reference("big", ["k7e6"], runs_out_of_memory)], budget, lambda: False)
+    assert guard.guarded("part", lambda: "entries") == "entries"
+    assert guard.status() == "unchecked" and "can't allocate memory" in guard.section()["reason"]
+
     unchecked = StabilityGuard([], budget, lambda: False, unavailable="no GPU")
     assert unchecked.guarded("part", lambda: 7) == 7 and unchecked.section()["status"] == "unchecked"
 
