@@ -14,6 +14,8 @@ FAST_AGENT = {
     "EFFPOSE_PROFILE_MAX_SAMPLES": "10",
     "EFFPOSE_PROFILE_MAX_SECONDS": "0.01",
     "EFFPOSE_PROFILE_MIN_SAMPLE_MS": "0",
+    "EFFPOSE_PROFILE_FIDELITY_NETWORKS": "2",  # fewer held-out networks (default 5)
+    "EFFPOSE_PROFILE_STABILITY_RETRIES": "0",  # the guard still reports; it does not re-measure
 }
 
 

@@ -22,6 +22,9 @@ FAST_BUDGET = {
     "EFFPOSE_PROFILE_MAX_SECONDS": "0.01",
     "EFFPOSE_PROFILE_MIN_SAMPLE_MS": "0",
     "EFFPOSE_PROFILE_FIDELITY_NETWORKS": "2",  # held-out networks per build (default 5): fewer, faster
+    # the guard still checks and reports every part, but does not measure it again: on a busy test
+    # machine its retries tripled some builds; the guard's own tests (test_trust.py) set their retries
+    "EFFPOSE_PROFILE_STABILITY_RETRIES": "0",
     # No token and open reads unless a test asks for them (an outer EFFPOSE_TOKEN must not leak in).
     "EFFPOSE_TOKEN": "",
     "EFFPOSE_PROTECT_READS": "",

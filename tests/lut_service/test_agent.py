@@ -212,10 +212,10 @@ def test_bad_requests_get_4xx_naming_the_problem(agent, body, status, message):
         client.submit(body)
 
 
-@pytest.mark.parametrize("query", ["threads=78223837417398142899150276001792", "batch=10000000000000000000", "threads=0"])
+@pytest.mark.parametrize("query", ["threads=78223837417398142899150276001792", "batch=10**19", "threads=0"])
 def test_out_of_range_list_filters_get_422_naming_the_field(agent, query):
     """Found by the schema fuzzer: a filter beyond a stored column's range was a 500 from the database."""
-    response = httpx.get(f"{agent.url}/v1/luts?{query}")
+    response = httpx.get(f"{agent.url}/v1/luts?{query.replace('10**19', str(10**19))}")
     assert response.status_code == 422, response.text
     assert query.split("=")[0] in response.text
 

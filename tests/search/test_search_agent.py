@@ -24,6 +24,8 @@ FAST_BUDGET = {
     "EFFPOSE_PROFILE_MAX_SAMPLES": "20",
     "EFFPOSE_PROFILE_MAX_SECONDS": "0.01",
     "EFFPOSE_PROFILE_MIN_SAMPLE_MS": "0",
+    "EFFPOSE_PROFILE_FIDELITY_NETWORKS": "2",  # fewer held-out networks (default 5)
+    "EFFPOSE_PROFILE_STABILITY_RETRIES": "0",  # the guard still reports; it does not re-measure
 }
 
 
