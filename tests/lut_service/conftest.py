@@ -4,8 +4,11 @@ a free port and a SQLite file in tmp."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -43,6 +46,23 @@ def make_agent(
 def agent_factory():
     """``make_agent`` for tests that need their own agent (a token, limits, crashes)."""
     return make_agent
+
+
+def _wait_for(predicate: Callable[[], Any], timeout_s: float = 120.0, poll_s: float = 0.05) -> Any:
+    """Poll ``predicate()`` until it returns something truthy (returned), or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def wait_for():
+    """``wait_for(predicate, timeout_s=120, poll_s=0.05)``: the polling loop the crash and fleet tests share."""
+    return _wait_for
 
 
 @pytest.fixture(scope="module")

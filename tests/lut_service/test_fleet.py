@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -114,21 +113,11 @@ def wait_done(agent: LocalAgent, job_id: str) -> dict:
         return client.wait(job_id, progress=False, poll_s=0.1, timeout_s=300)
 
 
-def wait_for(predicate, timeout_s: float = 120.0, poll_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"condition not met within {timeout_s} s")
-
-
 def holder_pid(job: dict) -> int:
     return int(job["claimed_by"].split(":")[1])
 
 
-def test_two_devices_share_one_store(store_url, store, tmp_path, agent_factory, capsys, monkeypatch):
+def test_two_devices_share_one_store(store_url, store, tmp_path, agent_factory, capsys, monkeypatch, wait_for):
     """Two agents (devices dev-a, dev-b) start together on one empty store and profile at the same time.
     dev-a's is SIGKILLed mid-job: dev-b finishes, never takes dev-a's orphaned job (it runs a later job of
     its own first) and leaves dev-a's rows as they were; restarted, dev-a's agent resumes exactly its job and
@@ -237,7 +226,7 @@ def run_until_killed(agent: LocalAgent) -> None:
 # One store is enough here: the claims are the same SQL on both, and SQLite's crash resume is covered by
 # test_two_devices_share_one_store[sqlite] and test_reliability.py (four agent starts make this one slow).
 @pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
-def test_a_job_that_kills_its_agent_fails_after_three_attempts(store_url, store, tmp_path, agent_factory):
+def test_a_job_that_kills_its_agent_fails_after_three_attempts(store_url, store, tmp_path, agent_factory, wait_for):
     """A job whose measurement kills the agent process is started three times, then marked failed with the
     reason; the entries of its table already stored are kept and the agent goes on serving and profiling.
 

@@ -63,18 +63,8 @@ def job_row(db_path: Path, job_id: str) -> tuple:
         return conn.execute("SELECT state, done, total FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
 
-def wait_for(predicate, timeout_s: float = 120.0, poll_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"condition not met within {timeout_s} s")
-
-
 # -- 1. crash safety -------------------------------------------------------------------------------
-def test_kill9_mid_job_resumes_keeps_entries_and_never_duplicates(tmp_path, agent_factory):
+def test_kill9_mid_job_resumes_keeps_entries_and_never_duplicates(tmp_path, agent_factory, wait_for):
     """SIGKILL the agent at random moments of a profiling job (up to three times); after each restart on
     the same SQLite file the job resumes, every entry stored before a kill is kept as it was (not measured
     again), none is duplicated, and the job ends done."""
@@ -252,7 +242,7 @@ def test_twenty_clients_one_job_identical_tables(guarded):
     check_db(guarded.db_path)
 
 
-def test_reads_are_served_while_the_worker_writes(guarded):
+def test_reads_are_served_while_the_worker_writes(guarded, wait_for):
     with AgentClient(guarded.url, token=TOKEN) as client:
         ready = client.request_lut(TableSpec(TINY, (64, 64)), "torch-cpu", progress=False)
     body = {"space": CRASH_SPACE, "backend": "torch-cpu", "input": [80, 80], "budget": {"warmup_s": 0.1}}
@@ -513,7 +503,7 @@ def test_protected_reads_cover_the_cached_fast_path(tmp_path, agent_factory):
         agent.stop()
 
 
-def test_serve_binds_loopback_by_default_and_refuses_protected_reads_without_token(tmp_path):
+def test_serve_binds_loopback_by_default_and_refuses_protected_reads_without_token(tmp_path, wait_for):
     env = {k: v for k, v in os.environ.items() if not k.startswith("EFFPOSE_")}
     bad = subprocess.run(
         [sys.executable, "-m", "effpose", "lut", "serve", "--db", f"sqlite:///{tmp_path}/x.db"],
