@@ -312,11 +312,10 @@ def verdicts(networks: dict[str, dict], searches: dict[str, dict], args: argpars
     mid = f"ort@{args.middle:g}"
     searched = [n for n in (mid, f"{mid}-log") if n in networks]
     randoms = [n for n in networks if n.startswith("random-")]
-    ranking = sorted([*searched, *randoms], key=lambda n: -networks[n]["pckh_mean"])
-    ranks = {}
-    for name in searched:  # each searched network against the same random ones
-        group = [name, *randoms]
-        ranks[name] = sorted(group, key=lambda n: -networks[n]["pckh_mean"]).index(name) + 1
+    score = {n: networks[n]["pckh_mean"] for n in [*searched, *randoms]}
+    ranking = sorted(score, key=lambda n: -score[n])
+    # each searched network against the same random ones: 1 + the random networks that score higher
+    ranks = {name: 1 + sum(score[r] > score[name] for r in randoms) for name in searched}
     own = {}
     names = [mid, f"torch@{args.middle:g}", f"flops@{args.middle:g}"]
     for name in names:

@@ -52,6 +52,11 @@ FIDELITY_SEED = 12  # held-out networks of a build (validation uses seeds 0 and 
 ALONE_PARTS = 3  # entries timed alone are guarded in this many parts
 
 
+def reference_name(op: str) -> str:
+    """A reference network's name (the uniform network of ``op``), in checkpoints and in-context totals alike."""
+    return f"uniform-{op}"
+
+
 class MeasurementTimeout(RuntimeError):
     """One entry (or one networks job) ran past its ``timeout_s``."""
 
@@ -285,7 +290,7 @@ class LutBuild:
         if timings is None:
             raise Stopped
         # the reference networks as this pass timed them, for the guard (same names as its references)
-        self.context_totals = {f"uniform-{net.op}": ms for net, ms in zip(nets, totals, strict=True)}
+        self.context_totals = {reference_name(net.op): ms for net, ms in zip(nets, totals, strict=True)}
         return name_head(timings, self.table.spec)
 
     def _fallback(self, count: int, reason: str) -> None:
@@ -349,7 +354,7 @@ class LutBuild:
                 self.context_error = f"the in-context networks could not be built: {type(exc).__name__}: {exc}"
             return StabilityGuard([], self.budget, self.stop, self.watch, unavailable=reason)
         refs = [
-            Reference(f"uniform-{nets[i].op}", list(nets[i].arch.ops), r.run)
+            Reference(reference_name(nets[i].op), list(nets[i].arch.ops), r.run)
             for i, r in zip(wanted, chosen, strict=True)
         ]
         return StabilityGuard(refs, self.budget, self.stop, self.watch)

@@ -223,7 +223,7 @@ class StabilityGuard:
         one physical core or on two) can show the same speed at both checkpoints and another in between."""
         attempt = 0
         while True:
-            before = (self.last if self.last is not None else self.checkpoint("start")) if self.references else None
+            before = self.last if self.last is not None else self.checkpoint("start")
             if before is None:  # no references, or they stopped running
                 return work()
             result = work()
@@ -234,7 +234,7 @@ class StabilityGuard:
             record = {"part": label, "attempt": attempt + 1, "drift": round(drift_between(before, after), 4)}
             if during:
                 record["inside_drift"] = round(_worst(drift_between(before, during), drift_between(after, during)), 4)
-            ok = all(abs(record.get(k, 0.0)) <= self.threshold for k in ("drift", "inside_drift"))
+            ok = _part_drift(record) <= self.threshold
             self.parts.append({**record, "ok": ok})
             if ok or attempt >= self.retries:
                 return result

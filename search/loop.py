@@ -413,8 +413,7 @@ def alpha_phase(run: SearchRun, cfg: SearchConfig, epoch: int, label: str, progr
             task = torch.log(mse) if cfg.task_term == "log-mse" else mse
             reg = regulariser(run.terms, run.net.probs(), cfg.beta)
             (task * share + share * (reg + schedule["entropy_weight"] * run.net.entropy())).backward()
-            mse = mse.detach() * share
-            arch_losses.append(distributed.sum_gradients(run.net.arch_parameters(), mse))
+            arch_losses.append(distributed.sum_gradients(run.net.arch_parameters(), mse.detach() * share))
             run.opt_a.step()
             cost_losses.append(float(reg.detach()))
             bar.set_postfix(mse=f"{arch_losses[-1]:.2e}", cost=f"{cost_losses[-1]:.3f}")
